@@ -1,0 +1,18 @@
+# The two commands of the README, and a few helpers. Each sets up the environment first
+# (scripts/env.sh: ./.venv, or an active conda env named "labkit").
+.PHONY: lab test notebooks bench setup
+
+lab:        ## set up, then open the practicum in JupyterLab
+	bash scripts/env.sh run jupyter lab notebooks/
+
+test:       ## set up, then run every test: unit tests, peers, nbval on solutions/, notebook drift
+	bash scripts/env.sh run pytest
+
+notebooks:  ## regenerate the student notebooks from solutions/
+	bash scripts/env.sh run labkit.notebooks build
+
+bench:      ## benchmarks against the peer libraries (not part of the tests)
+	bash scripts/env.sh run labkit.benchmarks
+
+setup:
+	bash scripts/env.sh setup

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# labkit's environment, made on first use and reused after:
+#   bash scripts/env.sh setup          create/update it (idempotent)
+#   bash scripts/env.sh run CMD...     run CMD with the environment's python (python -m CMD...)
+#
+# Where: the active conda environment when it is called "labkit" (conda env create -f
+# environment.yml), otherwise ./.venv (made with python3 -m venv). pip never replaces torch:
+# whatever torch the environment has is pinned, and a fresh environment gets torch 2.13.0
+# ($LABKIT_TORCH overrides), which on a machine without CUDA is the CPU build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${CONDA_DEFAULT_ENV:-}" = "labkit" ] && [ -n "${CONDA_PREFIX:-}" ]; then
+  PY="$CONDA_PREFIX/bin/python"
+else
+  PY=".venv/bin/python"
+fi
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    echo "labkit: creating a virtual environment in .venv" >&2
+    "${PYTHON:-python3}" -m venv .venv
+  fi
+  local stamp=".venv-setup-stamp"
+  [ "$PY" = ".venv/bin/python" ] && stamp=".venv/.labkit-setup-stamp"
+  if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements-peers.txt ] \
+     && [ "$stamp" -nt scripts/env.sh ]; then
+    ensure_data
+    return
+  fi
+  if ! "$PY" -c "import torch" 2>/dev/null; then
+    echo "labkit: installing torch==${LABKIT_TORCH:-2.13.0}" >&2
+    "$PY" -m pip install -q "torch==${LABKIT_TORCH:-2.13.0}"
+  fi
+  local torch_version constraints
+  torch_version=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+  constraints=$(mktemp)
+  echo "torch==$torch_version" > "$constraints"
+  echo "labkit: installing labkit and its tools (torch pinned to $torch_version)" >&2
+  "$PY" -m pip install -q -c "$constraints" -e ".[dev]"
+  # Peer libraries are test oracles only. --no-deps: their own requirements would pull in
+  # torchvision (a CUDA build here) or downgrade half the environment (torchattacks' requests pin).
+  "$PY" -m pip install -q --no-deps -r requirements-peers.txt
+  rm -f "$constraints"
+  "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" \
+    || { echo "labkit: torch was replaced; aborting" >&2; exit 1; }
+  ensure_data
+  touch "$stamp"
+}
+
+ensure_data() {
+  if "$PY" -c "import labkit.data as d; d.fashion_mnist('test')" >/dev/null 2>&1; then
+    return
+  fi
+  echo "labkit: Fashion-MNIST not found; installing the Debian package dataset-fashion-mnist" >&2
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null && $sudo true 2>/dev/null; then
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist
+  else
+    echo "labkit: could not install it here. Install dataset-fashion-mnist (Debian/Ubuntu), or put the" >&2
+    echo "        four Fashion-MNIST IDX files in a folder and set LABKIT_DATA to it." >&2
+  fi
+}
+
+case "${1:-}" in
+  setup) setup ;;
+  run) shift; setup; exec "$PY" -m "$@" ;;
+  *) echo "usage: bash scripts/env.sh setup | run MODULE [ARGS...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,128 @@
+"""labkit top level and the shared validation / model-preserving helpers."""
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import labkit
+from labkit import _core
+
+
+def test_get_device_override(monkeypatch):
+    monkeypatch.setenv("LABKIT_DEVICE", "cpu")
+    assert labkit.get_device() == torch.device("cpu")
+    monkeypatch.setenv("LABKIT_DEVICE", "not-a-device")
+    with pytest.raises(ValueError, match="LABKIT_DEVICE"):
+        labkit.get_device()
+
+
+def test_get_device_default_matches_hardware(monkeypatch):
+    monkeypatch.delenv("LABKIT_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else None
+    device = labkit.get_device()
+    if expected:
+        assert device.type == expected
+    else:
+        assert device.type in ("mps", "cpu")
+
+
+def test_seed_everything_repeats_all_generators():
+    labkit.seed_everything(123)
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    labkit.seed_everything(123)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1] and torch.equal(first[2], second[2])
+    with pytest.raises(TypeError):
+        labkit.seed_everything(1.5)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (torch.zeros(1, 28, 28), ValueError, "4 dimensions"),
+    (torch.zeros(1, 1, 28, 28, dtype=torch.uint8), TypeError, "float"),
+    (torch.full((1, 1, 28, 28), 2.0), ValueError, r"\[0, 1\]"),
+    (torch.full((1, 1, 28, 28), float("nan")), ValueError, "NaN"),
+    (np.zeros((1, 1, 28, 28)), TypeError, "torch.Tensor"),
+])
+def test_check_images_rejects_bad_input(bad, error, message):
+    with pytest.raises(error, match=message):
+        _core.check_images(bad)
+
+
+def test_check_images_device_mismatch():
+    model = nn.Linear(2, 2).to("meta")
+    with pytest.raises(ValueError, match="meta"):
+        _core.check_images(torch.zeros(1, 1, 2, 2), model)
+
+
+@pytest.mark.parametrize("target, expected", [
+    (3, [3, 3]), ([1, 2], [1, 2]), (torch.tensor([0, 9]), [0, 9]), (torch.tensor(4), [4, 4])])
+def test_check_target_accepts(target, expected):
+    assert _core.check_target(target, 2, 10).tolist() == expected
+
+
+@pytest.mark.parametrize("target, error", [
+    (10, ValueError), ([1, 2, 3], ValueError), (torch.tensor([0.5, 1.0]), TypeError),
+    (True, TypeError), ("3", TypeError), (-1, ValueError)])
+def test_check_target_rejects(target, error):
+    with pytest.raises(error):
+        _core.check_target(target, 2, 10)
+
+
+def test_resolve_layer(random_cnn):
+    assert _core.resolve_layer(random_cnn, "conv5") is random_cnn.conv5
+    assert _core.resolve_layer(random_cnn, random_cnn.conv1) is random_cnn.conv1
+    with pytest.raises(ValueError, match="conv9"):
+        _core.resolve_layer(random_cnn, "conv9")
+    with pytest.raises(ValueError, match="not a submodule"):
+        _core.resolve_layer(random_cnn, nn.Conv2d(1, 1, 1))
+    assert _core.last_conv_name(random_cnn) == "conv5"
+
+
+def _state(model):
+    return ([m.training for m in model.modules()],
+            [(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
+            [len(getattr(m, d)) for m in model.modules() for d in _core._HOOK_DICTS])
+
+
+def test_preserved_restores_everything_even_on_error(random_cnn):
+    model = random_cnn.train()
+    model.conv1.weight.grad = torch.ones_like(model.conv1.weight)
+    model.conv2.weight.requires_grad_(False)
+    before = _state(model)
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="train mode"):
+        with _core.preserved(model), _core.hooks() as handles:
+            assert not model.training and not model.conv1.weight.requires_grad
+            handles.append(model.conv3.register_forward_hook(lambda *a: None))
+            model.conv4.register_forward_hook(lambda *a: None)  # leaked on purpose: preserved removes it
+            model.conv1.weight.grad = None
+            raise RuntimeError("boom")
+    after = _state(model)
+    assert before[0] == after[0] and before[2] == after[2]
+    for (rg_b, g_b), (rg_a, g_a) in zip(before[1], after[1]):
+        assert rg_b == rg_a and (g_b is None) == (g_a is None)
+        assert g_b is None or torch.equal(g_b, g_a)
+
+
+def test_preserved_eval_model_gives_no_warning(random_cnn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with _core.preserved(random_cnn):
+            pass
+
+
+def test_input_gradient_per_sample_targets():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    x = torch.rand(2, 1, 2, 2)
+    grad, logits = _core.input_gradient(model, x, torch.tensor([0, 2]))
+    weight = model[1].weight.detach()
+    assert torch.allclose(grad[0].flatten(), weight[0]) and torch.allclose(grad[1].flatten(), weight[2])
+
+
+def test_batches():
+    assert _core.batches(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert _core.batches(5, None) == [slice(0, 5)]
+    with pytest.raises(ValueError):
+        _core.batches(5, 0)
