@@ -6,6 +6,7 @@ Private: public functions call these; notebooks and students do not.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from typing import Iterator, Sequence
 
@@ -17,7 +18,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a parameter-free model."""
-    for tensor in (*model.parameters(), *model.buffers()):
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
 
@@ -110,9 +111,9 @@ def last_conv_name(model: nn.Module) -> str:
     return convs[-1]
 
 
-def _hook_snapshot(model: nn.Module):
-    return [(m, name, list(getattr(m, name).keys())) for m in model.modules()
-            for name in _HOOK_DICTS if hasattr(m, name)]
+def _hook_snapshot(modules: list[nn.Module]):
+    return [(m, name, list(hook_dict)) for m in modules
+            for name in _HOOK_DICTS if (hook_dict := m.__dict__.get(name)) is not None]
 
 
 @contextlib.contextmanager
@@ -127,9 +128,10 @@ def preserved(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) 
     only input gradients (faster, and nothing accumulates in ``.grad``).
     """
     check_model(model)
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    modes = [(m, m.training) for m in modules]
     params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    hooks = _hook_snapshot(model)
+    hooks = _hook_snapshot(modules)
     try:
         if eval_mode and model.training:
             warnings.warn("the model was in train mode; labkit evaluates it in eval mode for this "
@@ -140,11 +142,15 @@ def preserved(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) 
                 p.requires_grad_(False)
         yield model
     finally:
+        # Restore only what changed: per-call overhead counts for small models on a GPU.
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.training = training
         for p, requires_grad, grad in params:
-            p.requires_grad_(requires_grad)
-            p.grad = grad
+            if p.requires_grad != requires_grad:
+                p.requires_grad_(requires_grad)
+            if p.grad is not grad:
+                p.grad = grad
         for m, name, keys in hooks:
             hook_dict = getattr(m, name)
             for key in [k for k in hook_dict if k not in keys]:

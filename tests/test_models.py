@@ -135,17 +135,18 @@ def test_robust_model_clean_and_robust_accuracy(fmnist_cnn_robust, fashion_test)
     assert robust >= 0.65
 
 
-def _gradient_image_alignment(model, x, y):
-    """Mean cosine similarity between |input gradient| and the image's edge magnitude."""
+def _background_gradient_share(model, x, y):
+    """Mean share of the input gradient's energy (g squared) that falls on background pixels."""
     grad, _ = labkit._core.input_gradient(model, x, y)
-    dx = torch.nn.functional.pad(x[..., :, 1:] - x[..., :, :-1], (0, 1))
-    dy = torch.nn.functional.pad(x[..., 1:, :] - x[..., :-1, :], (0, 0, 0, 1))
-    edges = (dx ** 2 + dy ** 2).sqrt().flatten(1)
-    return torch.nn.functional.cosine_similarity(grad.abs().flatten(1), edges).mean().item()
+    energy, background = grad.pow(2), (x < 0.05).float()
+    return ((energy * background).sum((1, 2, 3)) / energy.sum((1, 2, 3))).mean().item()
 
 
 def test_robust_gradients_look_more_like_the_input(fmnist_cnn, fmnist_cnn_robust, fashion_test):
+    """The robust-gradients lesson rests on this: a standard model's gradient is spread over the
+    background about as much as the background covers the image (noise), the robust model's sits
+    on the garment (measured 0.58 vs 0.04 on these 200 images, background = 53 % of pixels)."""
     x, y = fashion_test.tensors(torch.arange(200))
-    standard = _gradient_image_alignment(fmnist_cnn, x, y)
-    robust = _gradient_image_alignment(fmnist_cnn_robust, x, y)
-    assert robust > standard + 0.1, (robust, standard)
+    standard = _background_gradient_share(fmnist_cnn, x, y)
+    robust = _background_gradient_share(fmnist_cnn_robust, x, y)
+    assert robust < 0.15 and standard > 3 * robust, (standard, robust)
