@@ -92,7 +92,7 @@ def _tensors(data):
 
 
 def fit(model: nn.Module, train_data, epochs: int, adversary=None, *, lr: float = 2e-3,
-        batch_size: int = 128, weight_decay: float = 5e-4, eps_warmup_epochs: float = 0,
+        batch_size: int = 128, weight_decay: float = 0.0, eps_warmup_epochs: float = 0,
         test_data=None, seed: int = 0, callback=None, progress: bool = True) -> list[dict]:
     """Train ``model`` in place with Adam and a one-cycle learning rate; returns one dict of
     metrics per epoch (loss, train accuracy, test accuracy when ``test_data`` is given).
