@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import attacks
-from ._core import model_device
+from ._core import hooks, model_device
 from .models import classifier_layer
 
 
@@ -75,16 +75,28 @@ class ConsistencyAdversary:
     def loss(self, model, x, y, eps_scale: float = 1.0):
         with _eval_mode(model):
             x_adv = attacks.fgsm(model, x, y, eps=self.eps * eps_scale)
-        captured = []
-        handle = classifier_layer(model).register_forward_pre_hook(lambda m, inp: captured.append(inp[0]))
-        try:
-            logits = model(torch.cat([x, x_adv]))
-        finally:
-            handle.remove()
+        logits, phi = _logits_and_representation(model, torch.cat([x, x_adv]))
         clean, adversarial = logits.chunk(2)
-        phi_clean, phi_adv = captured[-1].flatten(1).chunk(2)
+        phi_clean, phi_adv = phi.chunk(2)
         mixed = self.alpha * F.cross_entropy(clean, y) + (1 - self.alpha) * F.cross_entropy(adversarial, y)
         return mixed + self.beta * (phi_clean - phi_adv).norm(dim=1).mean()
+
+
+def _logits_and_representation(model: nn.Module, x: torch.Tensor):
+    """The logits and the representation (the input of the final linear layer), read before a
+    dropout layer that feeds that layer directly: in train mode dropout draws a mask per image,
+    which would set phi(x) and phi(x_adv) apart even for x_adv = x."""
+    dropouts, captured = [], []
+    with hooks() as handles:
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                handles.append(module.register_forward_hook(
+                    lambda module, inputs, output: dropouts.append((output, inputs[0]))))
+        handles.append(classifier_layer(model).register_forward_pre_hook(
+            lambda module, inputs: captured.append(inputs[0])))
+        logits = model(x)
+    phi = next((before for after, before in reversed(dropouts) if after is captured[-1]), captured[-1])
+    return logits, phi.flatten(1)
 
 
 def _tensors(data):

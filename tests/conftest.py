@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+import matplotlib
+
+# Agg for this process only: an MPLBACKEND variable would reach nbval's kernels and stop
+# plt.show() from displaying the figures stored in the solution notebooks.
+matplotlib.use("Agg")
 
 import pytest
 import torch
 
 import labkit
 from labkit.models import WEIGHTS_DIR, FashionCNN
+
+# Tests use small tensors: one thread is barely slower alone and many times faster on a busy
+# machine, where two OpenMP threads keep waiting for each other.
+torch.set_num_threads(int(os.environ.get("LABKIT_TEST_THREADS", "1")))
 
 
 def weights_exist(name: str) -> bool:

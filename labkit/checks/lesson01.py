@@ -1,0 +1,125 @@
+"""Checks for lesson 01 (gradient saliency): the gradient, gradient x input, the saliency map."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import attribution
+from . import _engine
+from ._cases import classifier_cases
+from ._engine import Mistake, Spec
+
+
+def input_gradient_of(score):
+    """``d score(logits, target) / dx`` per image (the scores summed over the batch), detached:
+    the gradient of some scalar per image, right or wrong, for building mistakes."""
+    def gradient(model, x, target):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(score(model(x), target).sum(), x)
+        return grad
+    return gradient
+
+
+def _picked(values, target):
+    return values.gather(1, target[:, None]).squeeze(1)
+
+
+logit_gradient = input_gradient_of(_picked)
+probability_gradient = input_gradient_of(lambda z, t: _picked(z.softmax(1), t))
+log_probability_gradient = input_gradient_of(lambda z, t: _picked(z.log_softmax(1), t))
+loss_gradient = input_gradient_of(lambda z, t: F.cross_entropy(z, t, reduction="none"))
+predicted_gradient = input_gradient_of(lambda z, t: z.max(1).values)
+batch_mean_gradient = input_gradient_of(lambda z, t: _picked(z, t).mean())
+first_target_gradient = input_gradient_of(lambda z, t: _picked(z, t[:1].expand_as(t)))
+
+# mistakes every gradient-based exercise can make; ``then`` turns the gradient into the answer
+def gradient_mistakes(then=lambda grad, x: grad):
+    def via(gradient):
+        return lambda model, x, target: then(gradient(model, x, target), x)
+    return (
+        Mistake("you differentiated the softmax probability: explain the logit, the model's raw "
+                "output before softmax (the softmax mixes in all other classes)", via(probability_gradient)),
+        Mistake("you differentiated the log-probability (log_softmax, or the cross-entropy loss, "
+                "its negative): explain the raw logit of the target class", via(log_probability_gradient)),
+        Mistake("you differentiated the cross-entropy loss: saliency explains the target "
+                "class's logit, model(x)[i, target[i]]", via(loss_gradient)),
+        Mistake("you explained the predicted class (the largest logit), not the `target` passed in",
+                via(predicted_gradient)),
+        Mistake("you averaged over the batch (.mean()): sum the target logits instead, so each "
+                "image's gradient does not depend on the batch size", via(batch_mean_gradient)),
+        Mistake("every image used target[0]: pick each image's own target, e.g. "
+                "logits.gather(1, target[:, None]) or logits[range(B), target]", via(first_target_gradient)),
+    )
+
+
+GRADIENT = Spec(
+    name="check_gradient",
+    reference=attribution.gradient,
+    cases=classifier_cases,
+    mistakes=gradient_mistakes(),
+)
+
+GRADIENT_X_INPUT = Spec(
+    name="check_gradient_x_input",
+    reference=attribution.gradient_x_input,
+    cases=classifier_cases,
+    mistakes=(
+        Mistake("that is the plain gradient: multiply it by the input x",
+                lambda model, x, target: logit_gradient(model, x, target)),
+        Mistake("you multiplied |gradient| by the input: gradient x input keeps the gradient's sign",
+                lambda model, x, target: logit_gradient(model, x, target).abs() * x),
+        Mistake("you multiplied by (1 - x) or the inverted image: multiply by x itself",
+                lambda model, x, target: logit_gradient(model, x, target) * (1 - x)),
+        *gradient_mistakes(then=lambda grad, x: grad * x),
+    ),
+)
+
+
+def _reduce_channels(reduction):
+    return lambda model, x, target: reduction(logit_gradient(model, x, target))
+
+
+def saliency_map(model, x, target):
+    """Reference: Simonyan et al.'s saliency, ``max_c |df_t/dx_c|``, ``B x H x W``."""
+    return attribution.to_heatmap(attribution.gradient(model, x, target), "max_abs")
+
+
+SALIENCY_MAP = Spec(
+    name="check_saliency_map",
+    reference=saliency_map,
+    cases=classifier_cases,
+    dims=("batch", "height", "width"),
+    forbidden=(attribution.to_heatmap,),
+    mistakes=(
+        Mistake("take the absolute value of the gradient first, then the maximum over channels "
+                "(max_c |g_c|): you took the max of the signed gradient",
+                _reduce_channels(lambda g: g.amax(dim=1))),
+        Mistake("take the absolute value before the maximum over channels, not after "
+                "(max_c |g_c|, not |max_c g_c|)", _reduce_channels(lambda g: g.amax(dim=1).abs())),
+        Mistake("you averaged |gradient| over the channels: the saliency map takes the maximum",
+                _reduce_channels(lambda g: g.abs().mean(dim=1))),
+        Mistake("you summed |gradient| over the channels: the saliency map takes the maximum",
+                _reduce_channels(lambda g: g.abs().sum(dim=1))),
+        Mistake("you took the L2 norm over the channels: the saliency map takes the maximum of |g|",
+                _reduce_channels(lambda g: g.norm(dim=1))),
+        Mistake("that is gradient x input: the saliency map uses the gradient alone",
+                lambda model, x, target: (logit_gradient(model, x, target) * x).abs().amax(dim=1)),
+        *gradient_mistakes(then=lambda grad, x: grad.abs().amax(dim=1)),
+    ),
+)
+
+
+def check_gradient(gradient) -> None:
+    """``gradient(model, x, target)``: ``d logit_target / d x``, shaped like ``x``."""
+    _engine.run(GRADIENT, gradient)
+
+
+def check_gradient_x_input(gradient_x_input) -> None:
+    """``gradient_x_input(model, x, target)``: ``x * d logit_target / d x``."""
+    _engine.run(GRADIENT_X_INPUT, gradient_x_input)
+
+
+def check_saliency_map(saliency_map) -> None:
+    """``saliency_map(model, x, target)``: ``max`` over channels of ``|gradient|``, ``B x H x W``."""
+    _engine.run(SALIENCY_MAP, saliency_map)

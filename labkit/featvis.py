@@ -1,0 +1,458 @@
+"""Feature visualization: what makes a unit of a network respond.
+
+- :func:`maximize`: gradient ascent on the input for a class logit, a neuron of the
+  representation or a channel of a convolutional layer (Erhan et al. 2009; Simonyan et al. 2014),
+  optionally with the image priors of Yosinski et al. 2015 (:class:`Regularization`).
+- :func:`top_activating`: the dataset images that excite a unit most.
+- :func:`nearest_neighbors`: the dataset images closest in the representation (Krizhevsky et al. 2012).
+- :func:`filters`: the kernels of a convolution, scaled for plotting.
+- :func:`class_transfer`: class visualizations of one model judged by another (Santurkar et al. 2019:
+  a robust model's visualizations show features that other models recognise too).
+
+A *unit* is :class:`ClassLogit`, :class:`Neuron` or :class:`Channel`, or the same as a tuple:
+``("class", 3)``, ``("neuron", 17)``, ``("channel", "conv3", 5)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import attacks
+from ._core import (batches, check_images, check_model, hooks, logits_for, model_device,
+                    preserved, resolve_layer)
+from .models import classifier_layer, features
+
+_LOGITS = "<logits>"  # the site of class units: the model's output (no layer has this name)
+
+
+@dataclass(frozen=True)
+class ClassLogit:
+    """The logit (pre-softmax score) of class ``index``; Simonyan et al. maximize the score, not the
+    probability, which could rise by lowering the other classes alone."""
+    index: int
+
+    def site(self) -> str:
+        return _LOGITS
+
+    def value(self, output: torch.Tensor) -> torch.Tensor:
+        _check_index(self, self.index, output.shape[1], "the model has {} classes")
+        return output[:, self.index]
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """Entry ``index`` of the representation (the input of the final linear layer, what
+    :func:`labkit.models.features` returns), or of the flattened output of ``layer``."""
+    index: int
+    layer: str | None = None
+
+    def site(self) -> str | None:
+        return self.layer
+
+    def value(self, output: torch.Tensor) -> torch.Tensor:
+        flat = output.flatten(1)
+        where = "the representation" if self.layer is None else f"layer {self.layer!r}"
+        _check_index(self, self.index, flat.shape[1], where + " has {} neurons")
+        return flat[:, self.index]
+
+
+@dataclass(frozen=True)
+class Channel:
+    """Channel ``index`` of the output of ``layer`` (a dotted name), averaged over positions."""
+    layer: str
+    index: int
+
+    def site(self) -> str:
+        return self.layer
+
+    def value(self, output: torch.Tensor) -> torch.Tensor:
+        if output.dim() != 4:
+            raise ValueError(f"{self}: layer {self.layer!r} must output B x C x H x W feature maps, "
+                             f"got shape {tuple(output.shape)}")
+        _check_index(self, self.index, output.shape[1], f"layer {self.layer!r} has {{}} channels")
+        return output[:, self.index].mean(dim=(1, 2))
+
+
+_KINDS = {"class": ClassLogit, "neuron": Neuron, "channel": Channel}
+
+
+def _check_index(unit, index, size: int, what: str) -> None:
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise TypeError(f"{unit}: index must be an int, got {type(index).__name__}")
+    if not 0 <= index < size:
+        raise ValueError(f"{unit}: index must be in [0, {size - 1}] because {what.format(size)}")
+
+
+def as_unit(spec):
+    """A :class:`ClassLogit`, :class:`Neuron` or :class:`Channel` from itself or a tuple such as
+    ``("class", 3)``, ``("neuron", 17)`` or ``("channel", "conv3", 5)``."""
+    if isinstance(spec, (ClassLogit, Neuron, Channel)):
+        return spec
+    if isinstance(spec, tuple) and spec and spec[0] in _KINDS:
+        kind = _KINDS[spec[0]]
+        if kind is Neuron and len(spec) == 3:  # ("neuron", layer, index) reads like ("channel", ...)
+            return Neuron(spec[2], spec[1])
+        expected = 3 if kind is Channel else 2
+        if len(spec) == expected:
+            return kind(*spec[1:])
+    raise ValueError(f"a unit is ClassLogit(i), Neuron(i), Channel(layer, i) or a tuple "
+                     f"('class', i), ('neuron', i), ('neuron', layer, i), ('channel', layer, i); "
+                     f"got {spec!r}")
+
+
+def _as_units(objective, batch: int | None) -> list:
+    """One unit per image: a list is taken as is, a single unit is repeated ``batch`` times."""
+    if isinstance(objective, list):
+        if not objective:
+            raise ValueError("objective is an empty list; give at least one unit")
+        units = [as_unit(u) for u in objective]
+    else:
+        units = [as_unit(objective)] * (batch or 1)
+    if batch is not None and len(units) != batch:
+        raise ValueError(f"got {len(units)} objectives for a batch of {batch} images; give one "
+                         f"objective per image or a single one for all")
+    return units
+
+
+def _site_outputs(model: nn.Module, x: torch.Tensor, sites: set) -> dict:
+    """One forward pass; the output of each named layer in ``sites``, the representation (site
+    ``None``) and the logits."""
+    outputs = {}
+    with hooks() as handles:
+        for site in sites - {_LOGITS}:
+            if site is None:
+                handles.append(classifier_layer(model).register_forward_pre_hook(
+                    lambda module, inputs: outputs.__setitem__(None, inputs[0])))
+            else:
+                handles.append(resolve_layer(model, site).register_forward_hook(
+                    lambda module, inputs, output, site=site: outputs.__setitem__(site, output)))
+        outputs[_LOGITS] = logits_for(model, x)
+    return outputs
+
+
+def _unit_values(model: nn.Module, x: torch.Tensor, units: list) -> torch.Tensor:
+    """The value of ``units[i]`` on image ``i``, with the autograd graph (for gradient ascent)."""
+    outputs = _site_outputs(model, x, {u.site() for u in units})
+    values = x.new_zeros(x.shape[0])
+    for unit in dict.fromkeys(units):  # each distinct unit once, on the images it belongs to
+        rows = torch.tensor([i for i, u in enumerate(units) if u == unit], device=x.device)
+        values = values.index_put((rows,), unit.value(outputs[unit.site()][rows]))
+    return values
+
+
+def activation(model: nn.Module, x: torch.Tensor, unit) -> torch.Tensor:
+    """The value of ``unit`` (one for all images, or a list with one per image) on each image of
+    ``x``: a tensor of length B, detached."""
+    check_model(model)
+    check_images(x, model)
+    units = _as_units(unit, x.shape[0])
+    with preserved(model), torch.no_grad():
+        return _unit_values(model, x, units)
+
+
+@dataclass(frozen=True)
+class Regularization:
+    """Image priors for :func:`maximize` (Yosinski et al. 2015, "Understanding Neural Networks
+    Through Deep Visualization"), applied after every ascent step, each off at its default:
+
+    - ``l2_decay``: ``x <- b + (1 - l2_decay) (x - b)``, the step of an L2 penalty towards ``b``;
+    - ``jitter``: the objective is read on the image rolled by a random shift of up to
+      ``jitter`` pixels in each direction (Mordvintsev et al. 2015), so no single pixel
+      pattern can be relied upon;
+    - ``blur_every``, ``blur_sigma``: a Gaussian blur of width ``blur_sigma`` pixels every
+      ``blur_every`` steps, which removes high frequencies;
+    - ``clip_percentile``: pixels whose norm ``||x_ij - b||`` over channels lies in the lowest
+      ``clip_percentile`` percent are set to ``b``, which leaves only the pixels that matter.
+
+    ``b`` is ``background``: 0 for Fashion-MNIST's black background, 0.5 for natural photos.
+    """
+    l2_decay: float = 0.0
+    jitter: int = 0
+    blur_every: int = 0
+    blur_sigma: float = 0.5
+    clip_percentile: float = 0.0
+    background: float = 0.0
+
+    def __post_init__(self):
+        checks = {"l2_decay": 0 <= self.l2_decay < 1, "jitter": self.jitter >= 0,
+                  "blur_every": self.blur_every >= 0, "blur_sigma": self.blur_sigma > 0,
+                  "clip_percentile": 0 <= self.clip_percentile < 100,
+                  "background": 0 <= self.background <= 1}
+        ranges = {"l2_decay": "[0, 1)", "jitter": ">= 0", "blur_every": ">= 0", "blur_sigma": "> 0",
+                  "clip_percentile": "[0, 100)", "background": "[0, 1]"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"Regularization.{name} must be in {ranges[name]}, "
+                                 f"got {getattr(self, name)!r}")
+        if not isinstance(self.jitter, int) or not isinstance(self.blur_every, int):
+            raise TypeError(f"jitter and blur_every are whole pixels/steps, got {self.jitter!r} "
+                            f"and {self.blur_every!r}")
+
+    def apply(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """The priors that act on the image after ascent step ``step`` (counted from 1)."""
+        b = self.background
+        x = b + (1 - self.l2_decay) * (x - b)
+        if self.blur_every and step % self.blur_every == 0:
+            x = gaussian_blur(x, self.blur_sigma)
+        if self.clip_percentile:
+            norms = (x - b).norm(dim=1, keepdim=True)
+            cutoff = torch.quantile(norms.flatten(1), self.clip_percentile / 100, dim=1)
+            x = torch.where(norms < cutoff.view(-1, 1, 1, 1), torch.full_like(x, b), x)
+        return x.clamp(0, 1)
+
+
+# Mild priors for 28 x 28 Fashion-MNIST images. They smooth a standard model's visualizations
+# but do not make them its classes: the robust model recognises 28 % of them (24 % without
+# priors; tests/benchmarks/bench_featvis_transfer.py, 100 steps, 5 images per class).
+YOSINSKI = Regularization(l2_decay=0.01, jitter=1, blur_every=4, blur_sigma=0.5, clip_percentile=10)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur each channel with a Gaussian of standard deviation ``sigma`` pixels (separable,
+    truncated at 3 sigma, borders reflected)."""
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-offsets ** 2 / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    rows = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
+    blurred = F.conv2d(padded, rows, groups=channels)
+    return F.conv2d(blurred, rows.transpose(2, 3), groups=channels)
+
+
+def _random_shift(jitter: int, generator) -> tuple[int, int]:
+    if not jitter:
+        return 0, 0
+    dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=generator).tolist()
+    return dy, dx
+
+
+def _noise_images(model, batch: int, image_shape, noise: float, generator) -> torch.Tensor:
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels != image_shape[0]:
+        raise ValueError(f"the model takes {first_conv.in_channels}-channel images but image_shape "
+                         f"is {tuple(image_shape)}; pass image_shape=({first_conv.in_channels}, H, W)")
+    if not 0 < noise <= 1:
+        raise ValueError(f"noise must be in (0, 1], got {noise!r}")
+    # drawn on the CPU so that a seed gives the same start on every device
+    return (noise * torch.rand((batch, *image_shape), generator=generator)).to(model_device(model))
+
+
+def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps: int = 100,
+             lr: float = 0.02, regularization: Regularization | None = None,
+             eps: float | None = None, noise: float = 0.4, image_shape=(1, 28, 28),
+             generator=None, progress: bool = True) -> torch.Tensor:
+    """Gradient ascent on the input for ``objective`` (Erhan et al. 2009, "Visualizing
+    Higher-Layer Features of a Deep Network"; Simonyan et al. 2014, "Deep Inside Convolutional
+    Networks"): repeat ``steps`` times
+
+        x <- R( Proj( x + lr * sqrt(D) * g / ||g||_2 ) ),   g = grad_x a(x),
+
+    with ``a`` the unit's value, ``D`` the number of pixel values of an image (so ``lr`` is the
+    root-mean-square change of a pixel per step), ``Proj`` the projection onto [0, 1] and, when
+    ``eps`` is given, onto the L2 ball of radius ``eps`` around the start (the "feature
+    visualization" of robust models, Engstrom et al. 2019), and ``R`` the image priors of
+    ``regularization`` (see :class:`Regularization`; ``None``: plain ascent). Each step is one
+    L2 step of :func:`labkit.attacks.pgd` with the unit as its ``loss_fn``.
+
+    ``objective``: a unit (``("class", 3)``, ``Channel("conv3", 5)``, ...) for all images, or a
+    list with one unit per image, optimized together in one batch. ``x0``: the images to start
+    from; default noise, uniform in [0, ``noise``], of ``image_shape`` (one image per unit),
+    drawn with ``generator`` (dim noise: from full-range noise a robust model needs many more
+    steps to draw its classes). Returns the images, in [0, 1], detached.
+    """
+    check_model(model)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if lr <= 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    regularization = Regularization() if regularization is None else regularization
+    if not isinstance(regularization, Regularization):
+        raise TypeError(f"regularization must be a labkit.featvis.Regularization or None, "
+                        f"got {type(regularization).__name__}")
+    if x0 is not None:
+        check_images(x0, model, "x0")
+    units = _as_units(objective, None if x0 is None else len(x0))
+    start = (_noise_images(model, len(units), image_shape, noise, generator) if x0 is None
+             else x0.detach())
+    step_size = lr * math.sqrt(start[0].numel())
+    radius = math.inf if eps is None else eps
+    x = start
+    with preserved(model):
+        for step in tqdm(range(1, steps + 1), desc="maximize", disable=not progress, leave=False):
+            shift = _random_shift(regularization.jitter, generator)
+            centre = start if eps is not None else x
+            x = attacks.pgd(model, centre, 0, eps=radius, step_size=step_size, steps=1, norm="l2",
+                            random_start=x - centre, loss_fn=_shifted_objective(units, shift))
+            x = regularization.apply(x, step)
+            if eps is not None:
+                x = (start + attacks.project(x - start, eps, "l2")).clamp(0, 1)
+    return x.detach()
+
+
+def _shifted_objective(units: list, shift: tuple[int, int]):
+    """A ``loss_fn`` for :func:`labkit.attacks.pgd`: the units' values (image ``i`` for
+    ``units[i]``) read on the images rolled by ``shift``; ``y`` is unused."""
+    def loss_fn(model, x, y):
+        return _unit_values(model, x.roll(shift, dims=(2, 3)), units)
+    return loss_fn
+
+
+class Transfer(NamedTuple):
+    images: torch.Tensor      # the visualizations, one per target
+    targets: torch.Tensor     # the class each image maximizes
+    confidence: torch.Tensor  # the visualizing model's probability of the target
+    predicted: torch.Tensor   # the other model's predicted class
+    self_rate: float          # fraction the visualizing model classifies as the target
+    transfer_rate: float      # fraction the other model classifies as the target
+
+
+def class_transfer(model: nn.Module, other: nn.Module, per_class: int = 1,
+                   **maximize_options) -> Transfer:
+    """Visualize every class of ``model`` from noise with :func:`maximize` (``per_class`` images
+    each, ``maximize_options`` passed on) and ask ``other`` what it sees (Santurkar et al. 2019,
+    "Image Synthesis with a Single (Robust) Classifier"; Engstrom et al. 2019, "Adversarial
+    Robustness as a Prior for Learned Representations"). A robust model's visualizations draw
+    the class, so a standard model recognises most of them; a standard model's are textures
+    that a robust model mostly does not recognise. On the shipped Fashion-MNIST models, 100
+    steps: 80 % and 24 % (chance: 10 %), see ``tests/benchmarks/bench_featvis_transfer.py``."""
+    check_model(other)
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class must be an int >= 1, got {per_class!r}")
+    num_classes = classifier_layer(model).out_features
+    targets = torch.arange(num_classes).repeat(per_class)
+    images = maximize(model, [ClassLogit(int(c)) for c in targets], **maximize_options)
+    targets = targets.to(images.device)
+    with preserved(model), preserved(other), torch.no_grad():
+        probabilities = logits_for(model, images).softmax(dim=1)
+        predicted = logits_for(other, images.to(model_device(other))).argmax(dim=1).to(images.device)
+    return Transfer(images, targets, probabilities.gather(1, targets[:, None]).squeeze(1), predicted,
+                    (probabilities.argmax(dim=1) == targets).float().mean().item(),
+                    (predicted == targets).float().mean().item())
+
+
+class TopActivating(NamedTuple):
+    images: torch.Tensor       # k x C x H x W, most exciting first
+    indices: torch.Tensor      # k dataset indices
+    activations: torch.Tensor  # k values of the unit
+    labels: torch.Tensor       # k dataset labels
+
+
+def _fetcher(data):
+    """``(n, fetch)``: the size of ``data`` and ``fetch(indices) -> (images, labels)``, for a
+    dataset with ``.tensors(indices)`` (labkit's Fashion-MNIST), an ``(images, labels)`` pair of
+    tensors, or any dataset of (image, label) pairs."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        images, labels = data[0], torch.as_tensor(data[1])
+        if len(labels) != len(images):
+            raise ValueError(f"data holds {len(images)} images but {len(labels)} labels")
+        return len(images), lambda idx: (images[idx.to(images.device)], labels[idx.to(labels.device)])
+    if callable(getattr(data, "tensors", None)) and hasattr(data, "__len__"):  # not TensorDataset's tuple
+        return len(data), data.tensors
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
+        def fetch(idx):
+            items = [data[int(i)] for i in idx]
+            return (torch.stack([torch.as_tensor(item[0]) for item in items]),
+                    torch.tensor([int(item[1]) for item in items]))
+        return len(data), fetch
+    raise TypeError(f"data must be a dataset of (image, label) or an (images, labels) pair of "
+                    f"tensors, got {type(data).__name__}")
+
+
+def _image_batches(model, data, batch_size: int, desc: str, progress: bool):
+    """``(indices, images)`` over ``data`` in batches, checked and on the model's device."""
+    n, fetch = _fetcher(data)
+    device = model_device(model)
+    for part in tqdm(batches(n, batch_size), desc=desc, disable=not progress, leave=False):
+        idx = torch.arange(part.start, part.stop)
+        yield idx.to(device), check_images(fetch(idx)[0].to(device), model, "data images")
+
+
+def _fetch(model, data, indices: torch.Tensor):
+    """Images and labels of ``data`` at ``indices`` (any shape), on the model's device."""
+    _, fetch = _fetcher(data)
+    images, labels = fetch(indices.reshape(-1).cpu())
+    device = model_device(model)
+    return (images.to(device).view(*indices.shape, *images.shape[1:]),
+            torch.as_tensor(labels).to(device).view(indices.shape))
+
+
+def _check_k(k, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, {n}] (the dataset's size), got {k!r}")
+
+
+def top_activating(model: nn.Module, data, unit, k: int = 9, batch_size: int = 500,
+                   progress: bool = True) -> TopActivating:
+    """The ``k`` images of ``data`` on which ``unit`` is largest, found in one batched pass: the
+    dataset-example view of a unit (Zeiler & Fergus 2014), to set beside what :func:`maximize`
+    draws. Returns ``(images, indices, activations, labels)``, largest first, on the model's
+    device."""
+    check_model(model)
+    _check_k(k, _fetcher(data)[0])
+    unit = as_unit(unit)
+    device = model_device(model)
+    best_values, best_idx = torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device)
+    with preserved(model), torch.no_grad():
+        for idx, images in _image_batches(model, data, batch_size, "top_activating", progress):
+            values = torch.cat([best_values, _unit_values(model, images, [unit] * len(images))])
+            indices = torch.cat([best_idx, idx])
+            keep = values.topk(min(k, len(values))).indices
+            best_values, best_idx = values[keep], indices[keep]
+    images, labels = _fetch(model, data, best_idx)
+    return TopActivating(images, best_idx, best_values, labels)
+
+
+class Neighbors(NamedTuple):
+    images: torch.Tensor     # B x k x C x H x W, nearest first
+    indices: torch.Tensor    # B x k dataset indices
+    distances: torch.Tensor  # B x k Euclidean distances in the representation
+    labels: torch.Tensor     # B x k dataset labels
+
+
+def nearest_neighbors(model: nn.Module, data, x: torch.Tensor, k: int = 5, batch_size: int = 500,
+                      progress: bool = True) -> Neighbors:
+    """For each image of ``x``, the ``k`` images of ``data`` whose representations
+    (:func:`labkit.models.features`, the input of the final linear layer) are closest in
+    Euclidean distance (Krizhevsky et al. 2012): images the model sees as alike, whatever their
+    pixels. One batched pass over ``data``."""
+    check_model(model)
+    _check_k(k, _fetcher(data)[0])
+    query = features(model, check_images(x, model))
+    best_dist = query.new_empty(len(query), 0)
+    best_idx = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
+    for idx, images in _image_batches(model, data, batch_size, "nearest_neighbors", progress):
+        # without the matrix-product shortcut, so an image's distance to itself is exactly 0
+        batch_dist = torch.cdist(query, features(model, images), compute_mode="donot_use_mm_for_euclid_dist")
+        dist = torch.cat([best_dist, batch_dist], dim=1)
+        indices = torch.cat([best_idx, idx.expand(len(query), -1)], dim=1)
+        keep = dist.topk(min(k, dist.shape[1]), dim=1, largest=False).indices
+        best_dist, best_idx = dist.gather(1, keep), indices.gather(1, keep)
+    images, labels = _fetch(model, data, best_idx)
+    return Neighbors(images, best_idx, best_dist, labels)
+
+
+def filters(model: nn.Module, layer=None) -> torch.Tensor:
+    """The kernels of the first ``nn.Conv2d`` (or of ``layer``, a module or its dotted name),
+    ``out_channels x in_channels x kh x kw``, each kernel min-max scaled to [0, 1] so that it
+    can be shown as an image (RGB for a 3-channel input), as in Krizhevsky et al. 2012, Fig. 3."""
+    check_model(model)
+    if layer is None:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer")
+    else:
+        conv = resolve_layer(model, layer)
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"layer {layer!r} must be an nn.Conv2d, got {type(conv).__name__}")
+    weight = conv.weight.detach().clone()
+    low = weight.flatten(1).amin(dim=1).view(-1, 1, 1, 1)
+    high = weight.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
+    return (weight - low) / (high - low).clamp_min(1e-12)
