@@ -15,13 +15,21 @@ The output is deterministic (nbformat's stable JSON, sorted keys), so ``check`` 
 it exits with status 1 and lists every student notebook that differs from what its solution
 generates, is missing, or has no solution. Because the markers are nbgrader's, instructors who
 use nbgrader can feed ``solutions/`` to it directly.
+
+``python -m labkit.notebooks execute [NOTEBOOK ...]`` (default: every solution) re-runs solution
+notebooks in place, in a fresh kernel in their own folder, so that their stored outputs (which
+nbval compares) are current; it stores no execution timings and no widget state, and runs the
+kernel with ``OMP_NUM_THREADS=1`` unless set (the same as the nbval settings in
+``solutions/conftest.py``). Run ``build`` afterwards.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -148,11 +156,32 @@ def drift(solutions: Path, notebooks: Path) -> list[str]:
     return problems
 
 
+def execute(path: Path, timeout: int = 600) -> float:
+    """Run a notebook in place in a fresh kernel (working directory: its folder), keeping its
+    outputs but no execution timings or widget state. Returns the seconds it took."""
+    from nbclient import NotebookClient
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+    kernel = nb.metadata.get("kernelspec", {}).get("name", "python3")
+    start = time.perf_counter()
+    NotebookClient(nb, timeout=timeout, kernel_name=kernel, record_timing=False,
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    seconds = time.perf_counter() - start
+    nb.metadata.pop("widgets", None)
+    nb.metadata.get("language_info", {}).pop("version", None)  # the machine's Python, not the lesson's
+    path.write_text(render(nb), encoding="utf-8")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labkit.notebooks",
                                      description="Generate student notebooks from solution notebooks.")
-    parser.add_argument("command", choices=("build", "check"),
-                        help="build: write the student notebooks; check: fail if they are out of date")
+    parser.add_argument("command", choices=("build", "check", "execute"),
+                        help="build: write the student notebooks; check: fail if they are out of "
+                             "date; execute: re-run solution notebooks in place")
+    parser.add_argument("paths", nargs="*", type=Path,
+                        help="execute only: the notebooks to run (default: every solution)")
     parser.add_argument("--solutions", type=Path, default=Path("solutions"),
                         help="folder of solution notebooks (default: ./solutions)")
     parser.add_argument("--notebooks", type=Path, default=Path("notebooks"),
@@ -161,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.solutions.is_dir():
         parser.error(f"no solutions folder at {args.solutions}; run from the repository root "
                      f"or pass --solutions")
+    if args.command == "execute":
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # the kernel inherits it
+        for path in args.paths or sorted(args.solutions.glob("*.ipynb")):
+            print(f"{path}: executed in {execute(path):.1f} s")
+        return 0
     try:
         if args.command == "build":
             for path in build(args.solutions, args.notebooks):

@@ -178,3 +178,18 @@ def test_command_line_build_then_check(tmp_path):
     (tmp_path / "notebooks" / "01_a.ipynb").write_text("{}")
     failed = run("check")
     assert failed.returncode == 1 and "01_a.ipynb: differs" in failed.stderr
+
+
+def test_execute_stores_outputs_without_timings_or_widget_state(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.cells = [nbformat.v4.new_code_cell("import os\nprint(6 * 7, os.path.basename(os.getcwd()))")]
+    path = tmp_path / "lesson" / "99_x.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, path)
+    assert tool.execute(path) > 0
+    executed = nbformat.read(path, as_version=4)
+    assert executed.cells[0].outputs[0].text == "42 lesson\n"  # ran in the notebook's own folder
+    assert "execution" not in executed.cells[0].metadata and "widgets" not in executed.metadata
+    assert path.read_text() == tool.render(executed)

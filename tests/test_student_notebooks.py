@@ -36,7 +36,9 @@ def executed(request):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("OMP_NUM_THREADS", "1")  # small tensors; several threads crawl on a busy machine
         env.delenv("LABKIT_CHECK_LOG", raising=False)
-        NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=True, record_timing=False,
+        # a stuck cell is interrupted (and then fails the test as a KeyboardInterrupt)
+        NotebookClient(nb, timeout=180, interrupt_on_timeout=True, kernel_name="python3",
+                       allow_errors=True, record_timing=False,
                        resources={"metadata": {"path": str(request.param.parent)}}).execute()
     return nb
 

@@ -32,7 +32,10 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
 
     Only ReLUs that are ``nn.ReLU`` or ``nn.ReLU6`` modules are guided (``relu6``: the mask is
     ``0 < x_in < 6``); ``F.relu`` or ``torch.relu`` called inside ``forward`` are invisible to
-    hooks and keep their plain gradient.
+    hooks and keep their plain gradient. The guiding is done by hooks (a forward hook on each
+    such module puts a gradient hook on its output), all removed when the call ends. captum's
+    GuidedBackprop gives the same result where it guides the same modules (it hooks ``nn.ReLU``
+    only).
     """
     target = prepare(model, x, target)
     with preserved(model), hooks() as handles:

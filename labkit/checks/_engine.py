@@ -132,7 +132,7 @@ def _summarize(err: Exception) -> str:
     frame = _student_frame(err)
     if frame is not None:
         line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
-        text += f" (in {frame.name}, line {frame.lineno}: `{line}`)" if line else f" (in {frame.name}, line {frame.lineno})"
+        text += f" (in {frame.name}, line {frame.lineno}" + (f": `{line}`)" if line else ")")
     return text
 
 

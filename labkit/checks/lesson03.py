@@ -1,6 +1,8 @@
 """Checks for lesson 03 (adversarial examples): FGSM, the normalized-gradient step, PGD."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,10 @@ def _step(sign_of_step, direction, clamp=True):
     return attack
 
 
+def _raw_step(model, x, y, eps, gradient_of):
+    return _step(+1, lambda g: g)(model, x, y, eps, gradient_of)
+
+
 def _per_image_max(g):
     return g.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
@@ -96,7 +102,7 @@ FGSM = Spec(
         Mistake("you stepped down the loss: an untargeted attack goes up the gradient of the loss "
                 "(x + eps * sign(grad))", _step(-1, torch.sign)),
         *(Mistake("use the sign of the gradient (every pixel moves by exactly eps), not the raw gradient",
-                  lambda model, x, y, eps, gradient_of=gradient_of: _step(+1, lambda g: g)(model, x, y, eps, gradient_of))
+                  functools.partial(_raw_step, gradient_of=gradient_of))
           for gradient_of in (cross_entropy_gradient, mean_cross_entropy_gradient)),
         Mistake("you returned the perturbation eps * sign(grad): return the adversarial image x + perturbation",
                 lambda model, x, y, eps: eps * cross_entropy_gradient(model, x, y).sign()),
@@ -129,7 +135,7 @@ GRADIENT_STEP = Spec(
                 _step(+1, lambda g: g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1))),
         *(Mistake("normalize the gradient: divide it by its largest absolute value, so the biggest "
                   "pixel change is exactly eps",
-                  lambda model, x, y, eps, gradient_of=gradient_of: _step(+1, lambda g: g)(model, x, y, eps, gradient_of))
+                  functools.partial(_raw_step, gradient_of=gradient_of))
           for gradient_of in (cross_entropy_gradient, mean_cross_entropy_gradient)),
         Mistake("that is FGSM (the sign of the gradient): this step keeps the gradient's relative "
                 "sizes, g / max|g|", _step(+1, torch.sign)),

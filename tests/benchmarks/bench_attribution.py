@@ -1,16 +1,20 @@
 """Speed of labkit.attribution against its peers (captum, pytorch-grad-cam) and against the floor.
 
     python tests/benchmarks/bench_attribution.py [--device cpu|cuda] [--quick] [--repeats 3]
-                                                 [--threads N] [--clock process|wall] [--only NAME]
+                                                 [--threads N] [--clock process|wall] [--only WORD,...]
 
 One run, the same inputs for every contender. Per method it prints the median time over
-``--repeats`` interleaved runs after one warm-up run: process CPU time on a CPU (what the work
-costs, whatever else shares the machine; use --threads 1 there, as idle OpenMP threads spin),
-synchronised wall time on CUDA. Then labkit / peer and labkit / floor, where the floor is the
+``--repeats`` interleaved runs (more for sub-second methods, about 3 s of labkit's time; the
+``runs`` column) after one warm-up run. On a CPU the clock is user CPU time: what
+the computation costs, whatever else shares the machine (use --threads 1, as idle OpenMP
+threads spin), and without the kernel's page-fault time, which depends on what ran just before
+(glibc hands big freed blocks back to the system, so a run after a bigger one faults less:
+0.17 s of 0.54 s for 8 EfficientNet-Lite0 forward + backward passes, none after a guided
+Grad-CAM); ``--clock process`` includes it. On CUDA: synchronised wall time. Then labkit / peer and labkit / floor, where the floor is the
 bare model work the method needs: the same number of model evaluations as plain batched forward
 (+ backward to the input) passes of labkit's default rows per forward for the device. labkit runs
 with its defaults; the peer gets the closest batching it offers (captum's NoiseTunnel and
-IntegratedGradients cannot go below one row per image per pass). The last column checks that the
+IntegratedGradients cannot go below one row per image per pass). ``max diff`` checks that the
 results agree: max |labkit - peer| / max |peer| of the warm-up run, in which captum's NoiseTunnel
 gets labkit's noise.
 
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import resource
 import statistics
 import sys
 import time
@@ -63,6 +69,10 @@ class Case:
     floor: Callable
     # peer name -> how to bring labkit's result to the peer's convention for the check
     to_peer: dict[str, Callable] = field(default_factory=dict)
+
+
+CLOCKS = {"user": lambda: resource.getrusage(resource.RUSAGE_SELF).ru_utime,
+          "process": time.process_time, "wall": time.perf_counter}
 
 
 def synchronize(device: torch.device) -> None:
@@ -241,14 +251,18 @@ def seconds(fn: Callable, device: torch.device, clock: Callable) -> float:
 
 
 def run_case(case: Case, device: torch.device, repeats: int, clock: Callable) -> list[str]:
-    ours = case.labkit()  # warm-up runs, whose results are checked
+    results = []  # of the warm-up runs, which are checked
+    warm_up = seconds(lambda: results.append(case.labkit()), device, clock)
+    ours = results[0]
     checks = {}
     for peer, fn in case.peers.items():
         theirs = fn().detach()
         mine = case.to_peer.get(peer, lambda t: t)(ours)
         checks[peer] = float((mine - theirs).abs().max() / theirs.abs().max())
     case.floor()
-    # interleaved repeats, so background load hits every contender alike
+    # interleaved repeats, so background load hits every contender alike; sub-second methods get
+    # more repeats (about 3 s of labkit's time), as a shared machine makes short runs noisy
+    repeats = max(repeats, min(30, math.ceil(3 / max(warm_up, 1e-3))))
     times = {"labkit": [], "floor": [], **{peer: [] for peer in case.peers}}
     for _ in range(repeats):
         times["labkit"].append(seconds(case.labkit, device, clock))
@@ -258,7 +272,7 @@ def run_case(case: Case, device: torch.device, repeats: int, clock: Callable) ->
     t = {name: statistics.median(values) for name, values in times.items()}
     return [f"{case.name:<22} {case.model_name:<13} {peer:<38} {t['labkit']:>9.3f} {t[peer]:>9.3f} "
             f"{t['labkit'] / t[peer]:>7.2f} {t['floor']:>9.3f} {t['labkit'] / t['floor']:>7.2f} "
-            f"{checks[peer]:>9.1e}" for peer in case.peers]
+            f"{checks[peer]:>9.1e} {repeats:>4}" for peer in case.peers]
 
 
 def main() -> None:
@@ -267,16 +281,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a quick look")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--only", default=None, help="run the cases whose name contains this")
-    parser.add_argument("--clock", choices=("process", "wall"), default=None,
-                        help="process CPU time (default on CPU: robust to other jobs on a shared "
-                             "machine) or wall time (default on CUDA, synchronised)")
+    parser.add_argument("--only", default=None,
+                        help="run the cases whose name contains one of these comma-separated words")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default=None,
+                        help="user CPU time (default on CPU), process CPU time (user + system) or "
+                             "wall time (default on CUDA, synchronised)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else labkit.get_device()
-    clock_name = args.clock or ("process" if device.type == "cpu" else "wall")
-    clock = time.process_time if clock_name == "process" else time.perf_counter
+    clock_name = args.clock or ("user" if device.type == "cpu" else "wall")
+    clock = CLOCKS[clock_name]
     sizes = (dict(batch=2, side=128, samples=10, steps=10, window=32, stride=32, fashion_batch=16)
              if args.quick else
              dict(batch=8, side=224, samples=50, steps=50, window=32, stride=16, fashion_batch=64))
@@ -292,9 +307,9 @@ def main() -> None:
           f"(EfficientNet-Lite0), {labkit_per_forward(torch.zeros(1, 1, 28, 28, device=device), None)} "
           f"(FashionCNN)")
     print(f"{'method':<22} {'model':<13} {'peer':<38} {'labkit s':>9} {'peer s':>9} {'/peer':>7} "
-          f"{'floor s':>9} {'/floor':>7} {'max diff':>9}")
+          f"{'floor s':>9} {'/floor':>7} {'max diff':>9} {'runs':>4}")
     for case in cases:
-        if args.only and args.only not in case.name:
+        if args.only and not any(part in case.name for part in args.only.split(",")):
             continue
         for line in run_case(case, device, args.repeats, clock):
             print(line, flush=True)
