@@ -7,6 +7,8 @@ from . import _engine
 from ._cases import classifier_cases
 from ._engine import Mistake, Spec
 
+__all__ = ["check_predict_proba"]
+
 
 def _predict_proba(model, x):
     """Reference: class probabilities, ``softmax(f(x))`` over the classes, detached."""

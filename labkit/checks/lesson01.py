@@ -9,6 +9,8 @@ from . import _engine
 from ._cases import classifier_cases
 from ._engine import Mistake, Spec
 
+__all__ = ["check_gradient", "check_gradient_x_input", "check_saliency_map"]
+
 
 def input_gradient_of(score):
     """``d score(logits, target) / dx`` per image (the scores summed over the batch), detached:

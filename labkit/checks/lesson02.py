@@ -16,6 +16,8 @@ from ._cases import describe, draw, images, tiny_cnn
 from ._engine import Case, Mistake, Spec
 from .lesson01 import logit_gradient, probability_gradient
 
+__all__ = ["check_smoothgrad", "check_integrated_gradients"]
+
 
 class Recording(nn.Module):
     """A model that keeps a copy of every batch it is called on (in ``seen``)."""

@@ -12,6 +12,8 @@ from ._cases import describe, draw, image_shapes, images, other_classes, tiny_cn
 from ._engine import Case, Mistake, Spec
 from .lesson01 import input_gradient_of
 
+__all__ = ["check_fgsm", "check_gradient_step", "check_pgd"]
+
 cross_entropy_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, y, reduction="none"))
 # F.cross_entropy's default averages over the batch: the same direction, 1/B the size
 mean_cross_entropy_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, y) * torch.ones_like(y) / len(y))
