@@ -45,7 +45,7 @@ What each kernel may use (isolation)
 Not isolated: the notebook's code runs with the grader's user rights. It can read every file
 the grader can, write outside its directory, use the network, start processes, and patch
 anything in its own process (torch, builtins, the import system). For a class, run the grader
-in a container (docs/grading.md says how: the repo2docker image of this repository).
+in a container (the README's "Grading" section says how: the repo2docker image of this repository).
 
 Why printing "passed" is not a pass (anti-forgery)
 --------------------------------------------------
