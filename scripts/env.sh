@@ -26,6 +26,7 @@ setup() {
   if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements-peers.txt ] \
      && [ "$stamp" -nt scripts/env.sh ]; then
     ensure_data
+    ensure_chromium
     return
   fi
   if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -45,6 +46,7 @@ setup() {
   "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" \
     || { echo "labkit: torch was replaced; aborting" >&2; exit 1; }
   ensure_data
+  ensure_chromium
   touch "$stamp"
 }
 
@@ -53,14 +55,25 @@ ensure_data() {
     return
   fi
   echo "labkit: Fashion-MNIST not found; installing the Debian package dataset-fashion-mnist" >&2
-  local sudo=""
-  [ "$(id -u)" = 0 ] || sudo="sudo -n"
-  if command -v apt-get >/dev/null && $sudo true 2>/dev/null; then
-    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq dataset-fashion-mnist
-  else
+  apt_install dataset-fashion-mnist || {
     echo "labkit: could not install it here. Install dataset-fashion-mnist (Debian/Ubuntu), or put the" >&2
     echo "        four Fashion-MNIST IDX files in a folder and set LABKIT_DATA to it." >&2
-  fi
+  }
+}
+
+# The browser test (tests/test_browser.py) drives the distribution's chromium; without it, it skips.
+ensure_chromium() {
+  command -v chromium >/dev/null && return
+  echo "labkit: chromium not found; installing the Debian package chromium (for the browser test)" >&2
+  apt_install chromium || echo "labkit: could not install chromium here; tests/test_browser.py will be skipped" >&2
+}
+
+# apt-get install PACKAGE when we are root or have password-less sudo; fails otherwise.
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  command -v apt-get >/dev/null && $sudo true 2>/dev/null || return 1
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$1"
 }
 
 case "${1:-}" in
