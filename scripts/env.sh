@@ -26,7 +26,6 @@ setup() {
   if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt requirements-peers.txt ] \
      && [ "$stamp" -nt scripts/env.sh ]; then
     ensure_data
-    ensure_chromium
     return
   fi
   if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -46,7 +45,6 @@ setup() {
   "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" \
     || { echo "labkit: torch was replaced; aborting" >&2; exit 1; }
   ensure_data
-  ensure_chromium
   touch "$stamp"
 }
 
@@ -78,6 +76,7 @@ apt_install() {
 
 case "${1:-}" in
   setup) setup ;;
-  run) shift; setup; exec "$PY" -m "$@" ;;
+  # only the tests need a browser; `make lab` does not install one
+  run) shift; setup; if [ "${1:-}" = pytest ]; then ensure_chromium; fi; exec "$PY" -m "$@" ;;
   *) echo "usage: bash scripts/env.sh setup | run MODULE [ARGS...]" >&2; exit 2 ;;
 esac
