@@ -397,7 +397,9 @@ class Spec:
     - ``match(out, ref, case)``: equality (default :func:`close`); ``mistakes``: typical wrong
       implementations with their hints; ``dims``: names of the output's dimensions for shape
       hints; ``delta_from(case)``: value hints compare ``out - delta_from(case)`` (an attack's
-      change of the image rather than the image).
+      change of the image rather than the image); ``shape_hints``: ``(out, ref, case) -> hint or
+      None``, tried before the generic shape hint when the shapes differ (a known cause, such
+      as a map left at a layer's resolution).
     """
     name: str
     reference: Callable
@@ -410,6 +412,7 @@ class Spec:
     dims: Sequence[str] = ("batch", "channel", "height", "width")
     forbidden: Sequence[Callable] = ()
     delta_from: Callable[[Case], torch.Tensor] | None = None
+    shape_hints: Sequence[Callable] = ()
 
 
 _ACCEPT_REFERENCE = False
@@ -469,7 +472,10 @@ def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
     if changed:
         raise Failure(changed)
     where = f" (on {case.describe})" if case.describe else ""
-    hint = type_hint(out, ref) or shape_hint(out, ref, spec.dims)
+    hint = type_hint(out, ref)
+    if hint is None and out.shape != ref.shape:
+        known = (shape_hint_of(out, ref, case) for shape_hint_of in spec.shape_hints)
+        hint = next(filter(None, known), None) or shape_hint(out, ref, spec.dims)
     if hint:
         raise Failure(hint + where)
     if not torch.isfinite(out).all():

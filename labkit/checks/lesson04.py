@@ -1,0 +1,89 @@
+"""Checks for lesson 04 (large-eps attacks on robust models): the targeted L2 PGD attack."""
+from __future__ import annotations
+
+import torch
+
+from .. import attacks
+from . import _engine
+from ._cases import describe, draw, image_shapes, images, other_classes, tiny_cnn
+from ._engine import Case, Mistake, Spec
+from .lesson03 import (_always_rescale, _batch_l2, _pgd_variant, attack_match, cross_entropy_gradient,
+                       in_eps_ball, in_unit_range, mean_cross_entropy_gradient)
+
+__all__ = ["check_targeted_l2_pgd"]
+
+
+def targeted_l2_pgd(model, x, target, eps, step_size, steps):
+    """Reference: labkit's PGD, L2 ball, descending the loss of ``target``, from ``x`` itself."""
+    return attacks.pgd(model, x, target, eps, step_size, steps, norm="l2", targeted=True)
+
+
+def _l2_targeted(variant):
+    """A PGD variant (lesson 03's mistakes) with this exercise's signature: always L2, targeted."""
+    def attack(model, x, target, eps, step_size, steps):
+        return variant(model, x, target, eps, step_size, steps, norm="l2", targeted=True)
+    return attack
+
+
+def _cases(generator: torch.Generator) -> list[Case]:
+    cases = []
+    # plus a batch of 8: mistakes that show on only some images (a norm of the whole batch) show
+    shapes = image_shapes(generator) + [(8, 1, draw(generator, 8, 12), draw(generator, 8, 12))]
+    for batch, channels, height, width in shapes:
+        classes = draw(generator, 4, 10)
+        model = tiny_cnn(channels, classes)
+        x = images(generator, batch, channels, height, width, saturated=0.4)
+        target = other_classes(generator, torch.randint(classes, (batch,), generator=generator), classes)
+        eps = round(0.4 + 0.5 * float(torch.rand(1, generator=generator)), 3)
+        steps = draw(generator, 3, 5)
+        step_size = round(eps / 2.5, 4)  # the first steps stay inside the ball, the last ones leave it
+        cases.append(Case((model, x, target, eps, step_size, steps),
+                          describe=describe(batch, channels, height, width) +
+                          f", eps={eps}, step_size={step_size}, steps={steps}"))
+    return cases
+
+
+def _in_l2_ball(out, case) -> str | None:
+    return in_eps_ball(out, Case(case.args, {"norm": "l2"}))
+
+
+def _unit_length(delta, eps, norm):
+    return delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
+TARGETED_L2_PGD = Spec(
+    name="check_targeted_l2_pgd",
+    reference=targeted_l2_pgd,
+    forbidden=(attacks.pgd,),
+    cases=_cases,
+    match=attack_match,
+    constraints=(in_unit_range, _in_l2_ball),
+    delta_from=lambda case: case.args[1],
+    mistakes=(
+        Mistake("after each step, project back onto the L2 ball around the original image x: "
+                "rescale delta = x_adv - x to length eps when it is longer",
+                _l2_targeted(_pgd_variant(project=None))),
+        Mistake("after each step, clamp the image to [0, 1]", _l2_targeted(_pgd_variant(clamp=False))),
+        Mistake("you went up the loss of the target class: a targeted attack goes down it "
+                "(x_adv - step_size * direction), towards the target",
+                _l2_targeted(_pgd_variant(ascend_targeted=True))),
+        Mistake("step along grad / ||grad||_2 of each image, not along its sign (that is the L-inf step)",
+                _l2_targeted(_pgd_variant(direction=lambda g, norm: g.sign()))),
+        Mistake("only shrink perturbations longer than eps; shorter ones stay as they are "
+                "(multiply by min(1, eps / ||delta||_2))", _l2_targeted(_pgd_variant(project=_always_rescale))),
+        Mistake("you divided delta by its length without multiplying by eps: the projection "
+                "rescales delta to length eps, not to length 1",
+                _l2_targeted(_pgd_variant(project=_unit_length))),
+        Mistake("normalize each image's gradient by its own L2 norm, not by the norm of "
+                "the whole batch", _l2_targeted(_pgd_variant(direction=_batch_l2))),
+        *(Mistake("normalize the step: grad / ||grad||_2 per image (the raw gradient has an arbitrary size)",
+                  _l2_targeted(_pgd_variant(direction=lambda g, norm: g, gradient_of=gradient_of)))
+          for gradient_of in (cross_entropy_gradient, mean_cross_entropy_gradient)),
+    ),
+)
+
+
+def check_targeted_l2_pgd(targeted_l2_pgd) -> None:
+    """``targeted_l2_pgd(model, x, target, eps, step_size, steps)``: PGD in the L2 eps-ball
+    around ``x``, descending the cross-entropy of ``target``, starting at ``x``."""
+    _engine.run(TARGETED_L2_PGD, targeted_l2_pgd)
