@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from . import attacks, attribution, plot
-from ._core import check_images, check_model, model_device, preserved
+from ._core import cam_layer_name, check_images, check_model, model_device, preserved
 
 PGD_STEPS = 10
 SMOOTHGRAD_SEED = 0  # the same noise for every view, so only the student's settings change it
@@ -337,7 +337,8 @@ def explore(model: nn.Module, images: torch.Tensor, labels=None, classes: Sequen
     ``B x C x H x W`` images in [0, 1]. ``labels``: the true classes (attacks move away from
     them; without labels, away from each model's clean prediction). ``classes``: the class
     names (default: the indices). ``names``: a name per image for the picker. ``layers``: the
-    Grad-CAM layer choices (default: every ``nn.Conv2d``, the last one selected). ``eps_max``:
+    Grad-CAM layer choices (default: every ``nn.Conv2d`` and Grad-CAM's default layer, that one
+    selected). ``eps_max``:
     the largest attack size on the slider (L-inf, in pixel values).
 
     Attacks: FGSM (Goodfellow et al. 2015), PGD with 10 steps (Madry et al. 2018); methods and
@@ -361,8 +362,10 @@ def explore(model: nn.Module, images: torch.Tensor, labels=None, classes: Sequen
             else [f"image {i}" for i in range(len(images))]
     elif len(names) != len(images):
         raise ValueError(f"names must give one name per image ({len(images)}), got {len(names)}")
-    layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)] if layers is None \
-        else list(layers)
+    if layers is None:  # every conv layer, then Grad-CAM's default layer, selected
+        default = cam_layer_name(model)
+        layers = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n != default] + [default]
+    layers = list(layers)
     if not layers:
         raise ValueError("the model has no nn.Conv2d layer for Grad-CAM; pass layers= explicitly")
     return Explorer(models, images.detach().cpu(), labels, classes, list(names), layers, eps_max)

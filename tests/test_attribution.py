@@ -234,9 +234,9 @@ def test_gradcam_on_toy_net():
 
 
 def test_gradcam_default_layer_upsampling(fashion, fashion_images):
-    small = gradcam(fashion, fashion_images, [1, 2, 3], layer="conv5", upsample=False)
+    small = gradcam(fashion, fashion_images, [1, 2, 3], layer="relu5", upsample=False)
     assert small.shape == (3, 1, 7, 7) and (small >= 0).all()
-    large = gradcam(fashion, fashion_images, [1, 2, 3])  # default: last conv = conv5
+    large = gradcam(fashion, fashion_images, [1, 2, 3])  # default: the model's gradcam_layer, relu5
     close(large, F.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False))
     # bilinear upsampling keeps the coarse map's mean within its range, and its 4 x 4 block means
     assert large.shape == (3, 1, 28, 28)

@@ -104,8 +104,10 @@ GRAD_CAM_MISTAKES = [
     (cam_variant(weights=lambda g: g), "pixel by pixel"),
     (cam_variant(weights=lambda g: g.sum(dim=(2, 3), keepdim=True)), "do not sum it"),
     (cam_variant(weights=lambda g: g.mean(dim=(2, 3), keepdim=True).relu()), "not to the weights"),
-    (cam_variant(score=lambda z: z.softmax(1)), "softmax probability"),
-    (cam_variant(score=lambda z: z.log_softmax(1)), "log-probability"),
+    # on some random inputs these two give the same wrong map, so either hint may come first;
+    # both must send the student to the logit
+    (cam_variant(score=lambda z: z.softmax(1)), "explains the class's logit"),
+    (cam_variant(score=lambda z: z.log_softmax(1)), "explains the class's logit"),
     (lambda m, x, t, layer: grad_cam(m, x, m(x).argmax(1), layer), "predicted class"),
     (lambda m, x, t, layer: grad_cam(m, x, t[:1].expand_as(t), layer), "target[0]"),
     (cam_variant(resize=lambda cam, size: cam), "upsample it to the image's"),

@@ -78,7 +78,9 @@ def test_resolve_layer(random_cnn):
         _core.resolve_layer(random_cnn, "conv9")
     with pytest.raises(ValueError, match="not a submodule"):
         _core.resolve_layer(random_cnn, nn.Conv2d(1, 1, 1))
-    assert _core.last_conv_name(random_cnn) == "conv5"
+    assert _core.cam_layer_name(random_cnn) == "relu5"  # FashionCNN's gradcam_layer
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU())
+    assert _core.cam_layer_name(plain) == "2"  # without one: the last nn.Conv2d
 
 
 def _state(model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import fx, nn
 
-from labkit._core import last_conv_name, resolve_layer
+from labkit._core import cam_layer_name, resolve_layer
 from labkit.data import sample_photos
 from labkit.models import features, load, sha256_of
 from labkit.models import efficientnet_lite as effnet
@@ -97,7 +97,7 @@ def test_output_is_batch_by_1000_logits(model):
 
 def test_gradcam_layer_and_features(model):
     x = sample_photos(224, names=("chelsea", "rocket"))[0].to(next(model.parameters()).device)
-    assert last_conv_name(model) == "head.conv"
+    assert cam_layer_name(model) == "head"
     head = resolve_layer(model, "head")
     maps = []
     handle = head.register_forward_hook(lambda module, inputs, output: maps.append(output))

@@ -89,7 +89,7 @@ def test_settings_refuse_unknown_choices():
 
 def test_default_panel_shows_both_models_clean(explorer, fmnist_cnn, fmnist_cnn_robust, batch):
     x, _ = batch
-    assert explorer.settings() == Settings(layer="conv5")
+    assert explorer.settings() == Settings(layer="relu5")
     for label, name, model in zip(explorer.predictions, ("standard", "robust"),
                                   (fmnist_cnn, fmnist_cnn_robust)):
         probabilities = model(x[:1]).softmax(1).detach()

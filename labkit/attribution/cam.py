@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._core import hooks, last_conv_name, preserved, resolve_layer
+from .._core import hooks, cam_layer_name, preserved, resolve_layer
 from ._common import prepare, target_logits
 
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
@@ -75,12 +75,13 @@ def gradcam(model: nn.Module, x: torch.Tensor, target, layer=None, relu: bool = 
     Gradient-based Localization"): with ``A`` the ``K x h x w`` output of ``layer``,
     ``relu(sum_k alpha_k A_k)``, ``alpha_k = mean_ij df_t/dA_kij``.
 
-    ``layer``: a submodule or its dotted name; default the last ``nn.Conv2d``. Returns
+    ``layer``: a submodule or its dotted name; default the model's ``gradcam_layer`` (labkit's
+    models: their last rectified feature maps), else the last ``nn.Conv2d``. Returns
     ``B x 1 x H x W``: bilinearly upsampled to the input size (``upsample=False`` keeps
     ``h x w``; ``relu=False`` keeps the negative evidence). The backward pass stops at ``layer``.
     """
     target = prepare(model, x, target)
-    module = resolve_layer(model, last_conv_name(model) if layer is None else layer)
+    module = resolve_layer(model, cam_layer_name(model) if layer is None else layer)
     with preserved(model), hooks() as handles:
         outputs = _capture_output(module, handles)
         # The input must require grad for the layer's output to be in the graph (the
@@ -105,7 +106,7 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer=None) -> tor
     the second one, to the input, with guided ones.
     """
     target = prepare(model, x, target)
-    module = resolve_layer(model, last_conv_name(model) if layer is None else layer)
+    module = resolve_layer(model, cam_layer_name(model) if layer is None else layer)
     state = {"guided": False}
     with preserved(model), hooks() as handles:
         outputs = _capture_output(module, handles)

@@ -86,12 +86,14 @@ class EfficientNetLite0(nn.Module):
     ``pool`` -> ``representation`` (the 1280-d vector :func:`labkit.models.features` returns) ->
     ``dropout`` (0.2) -> ``classifier`` (1000 ImageNet logits).
 
-    Grad-CAM layer: ``head``, the rectified 7 x 7 x 1280 output of the last convolution
+    Grad-CAM layer (``gradcam_layer``, the default of :func:`labkit.attribution.gradcam`): ``head``, the rectified 7 x 7 x 1280 output of the last convolution
     (``head.conv``), which the logits depend on only through its spatial mean.
     Strided convolutions pad like TensorFlow's 'same' (an explicit ``pad`` before them), which
     gave better photo predictions than symmetric padding (see the model card).
     The training-time stochastic depth of the original is left out: the model is for inference.
     """
+
+    gradcam_layer = "head"
 
     def __init__(self):
         super().__init__()

@@ -24,9 +24,12 @@ class FashionCNN(nn.Module):
     average pooling to a 128-d representation, and one linear classifier: 195k parameters.
 
     The "deep network" of the seed blog post, shrunk for 28 x 28 inputs. Layers the lessons use
-    by name: ``conv5`` (last conv layer, 7 x 7, for Grad-CAM), ``representation`` (the 128-d
+    by name: ``relu5`` (the rectified 7 x 7 maps of the last conv layer ``conv5``: Grad-CAM's
+    default, ``gradcam_layer``), ``representation`` (the 128-d
     input of ``classifier``, what :func:`labkit.models.features` returns), ``conv1`` (filters).
     """
+
+    gradcam_layer = "relu5"
 
     def __init__(self, num_classes: int = 10, dropout: float = 0.25):
         super().__init__()
