@@ -1,7 +1,8 @@
-"""Shared fixtures. Tests run on CPU unless a test asks for CUDA (marker `gpu`)."""
+"""Shared fixtures. Tests run on CPU unless a test asks for the accelerator (marker `gpu`)."""
 from __future__ import annotations
 
 import os
+import random
 
 import matplotlib
 
@@ -51,10 +52,41 @@ def fmnist_cnn_robust():
     return labkit.models.load("fmnist-cnn-robust", device="cpu")
 
 
+# The device that tests marked `gpu` compare against the CPU: cuda unless LABKIT_TEST_DEVICE
+# says otherwise (LABKIT_TEST_DEVICE=cpu runs them as a dry run on a machine without a GPU).
+ACCELERATOR = torch.device(os.environ.get("LABKIT_TEST_DEVICE", "cuda"))
+
+
+def _available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return device.type == "cpu"
+
+
+@pytest.fixture(scope="session")
+def accelerator() -> torch.device:
+    return ACCELERATOR
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Skip a `gpu` test whose device is missing: the `accelerator` fixture's for the tests that
+    take it, CUDA for the others (which name "cuda" themselves)."""
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" not in item.keywords:
+            continue
+        device = ACCELERATOR if "accelerator" in getattr(item, "fixturenames", ()) else torch.device("cuda")
+        if not _available(device):
+            item.add_marker(pytest.mark.skip(reason=f"needs a {device.type} device (LABKIT_TEST_DEVICE)"))
+
+
+@pytest.fixture(autouse=True)
+def reproducible_checks(request, monkeypatch):
+    """A check draws fresh random inputs on every call. In the tests they come from a generator
+    seeded by the test's id, so each test sees the same inputs on every run: on a rare input two
+    typical mistakes give the same wrong answer, and which hint comes first must not make a run
+    flaky."""
+    from labkit.checks import _engine
+    seeds = random.Random(request.node.nodeid)
+    monkeypatch.setattr(_engine, "_fresh_seed", lambda: seeds.getrandbits(31))

@@ -86,12 +86,13 @@ def photo_batch(device):
 
 @pytest.fixture(params=["fashion", "fashion_robust", "effnet"])
 def case(request):
-    """(model, images, per-sample targets, Grad-CAM layer name)."""
+    """(model, images, per-sample targets, Grad-CAM layer name: the model's gradcam_layer, its
+    last rectified feature maps)."""
     if request.param.startswith("fashion"):
         images, labels = request.getfixturevalue("fashion_batch")
-        return request.getfixturevalue(request.param), images, labels, "conv5"
+        return request.getfixturevalue(request.param), images, labels, "relu5"
     images, labels = request.getfixturevalue("photo_batch")
-    return request.getfixturevalue("effnet"), images, labels, "head.conv"
+    return request.getfixturevalue("effnet"), images, labels, "head"
 
 
 class GuidedBackpropReLU6(captum_attr.GuidedBackprop):
@@ -184,7 +185,7 @@ def test_gradcam_vs_layer_gradcam(case, relu, upsample):
     close(gradcam(model, x, y, layer=layer, relu=relu, upsample=upsample), expected)
 
 
-def test_gradcam_default_layer_is_last_conv(case):
+def test_gradcam_default_layer_is_the_models_gradcam_layer(case):
     model, x, y, layer = case
     close(gradcam(model, x, y), gradcam(model, x, y, layer=model.get_submodule(layer)))
 

@@ -429,9 +429,14 @@ def accepting_reference():
         _ACCEPT_REFERENCE = previous
 
 
+def _fresh_seed() -> int:
+    """The seed of a check's inputs when none is given: new on every call."""
+    return secrets.randbits(31)
+
+
 def run(spec: Spec, student, seed: int | None = None) -> bool:
     """Check ``student`` against ``spec``; print and record the result; return whether it passed."""
-    seed = secrets.randbits(31) if seed is None else seed
+    seed = _fresh_seed() if seed is None else seed
     try:
         _check(spec, student, seed)
     except Failure as failure:

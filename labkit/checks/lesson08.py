@@ -41,10 +41,22 @@ def _cases(generator: torch.Generator) -> list[Case]:
         model = dense_relu_net(height * width, widths, classes)
         x = images(generator, batch, 1, height, width, saturated=0.2)
         target = targets(generator, model, x, classes)
+        _make_first_target_logit_negative(model, x, target)
         cases.append(Case((model, x, target, epsilon),
                           describe=describe(batch, 1, height, width) + f", {len(widths)} hidden layers, "
                                                                        f"epsilon={epsilon:g}"))
     return cases
+
+
+def _make_first_target_logit_negative(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
+    """Lower the output bias of image 0's target class until its logit is negative. Below the
+    output, relevance only reaches neurons with z > 0 (the others are switched off by the
+    ReLU), so the target logit is the one z whose sign tells ``z + epsilon * sign(z)`` from
+    a plain ``z + epsilon``."""
+    with torch.no_grad():
+        logit = model(x[:1])[0, target[0]]
+        if logit >= 0:
+            model[-1].bias[target[0]] -= logit + 0.5
 
 
 def lrp_epsilon(model, x, target, epsilon):
