@@ -14,9 +14,17 @@ browser:    ## only the browser test: JupyterLab + headless chromium; screenshot
 notebooks:  ## regenerate the student notebooks from solutions/
 	bash scripts/env.sh run labkit.notebooks build
 
-bench:      ## benchmarks against the peer libraries (not part of the tests); ARGS=--quick for small sizes
+bench:      ## one table of labkit against the peer libraries, + scaling (not tests); ARGS="--quick --device cuda"
 	bash scripts/env.sh setup
-	for f in tests/benchmarks/bench_*.py; do .venv/bin/python $$f $(ARGS) || exit 1; done
+	OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/run.py --threads 1 --csv benchmarks.csv $(ARGS)
+	OMP_NUM_THREADS=1 .venv/bin/python tests/benchmarks/scaling.py --threads 1 --csv scaling.csv $(ARGS)
+
+test-gpu:   ## on a CUDA machine: every test (the gpu-marked ones compare CUDA with CPU), then the benchmarks there
+	bash scripts/env.sh setup
+	.venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'test-gpu needs CUDA')"
+	LABKIT_TEST_DEVICE=cuda bash scripts/env.sh run pytest
+	.venv/bin/python tests/benchmarks/run.py --device cuda --csv benchmarks-cuda.csv
+	.venv/bin/python tests/benchmarks/scaling.py --device cuda --csv scaling-cuda.csv
 
 setup:
 	bash scripts/env.sh setup

@@ -236,6 +236,16 @@ def test_accuracy_takes_every_data_form(model, data):
     assert by_name == by_function
 
 
+def test_accuracy_on_a_tensor_dataset(model, data):
+    # TensorDataset.tensors is the (images, labels) tuple itself, not a method to call
+    x, y = data
+    dataset = torch.utils.data.TensorDataset(x, y)
+    clean = attacks.accuracy(model, dataset, batch_size=5, progress=False)
+    assert clean == attacks.accuracy(model, (x, y), progress=False)
+    attacked = attacks.accuracy(model, dataset, "fgsm", eps=0.05, limit=7, progress=False)
+    assert attacked == attacks.accuracy(model, (x[:7], y[:7]), "fgsm", eps=0.05, progress=False)
+
+
 def test_deepfool_options(model, data):
     x, y = data
     whole = attacks.deepfool(model, x, steps=3)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .._core import batches, check_images, check_model, check_target, logits_for, model_device, preserved
@@ -29,10 +30,13 @@ def _resolve_attack(attack):
 
 def _as_tensors(data, limit=None):
     """``(images, labels)`` from an ``(images, labels)`` pair, a dataset with ``.tensors()``
-    (labkit's Fashion-MNIST) or any dataset of ``(image, label)`` items; the first ``limit``."""
+    (labkit's Fashion-MNIST), a ``torch.utils.data.TensorDataset`` (whose ``.tensors`` is the
+    pair itself, not a method) or any dataset of ``(image, label)`` items; the first ``limit``."""
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         x, y = data
-    elif hasattr(data, "tensors"):
+    elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+    elif callable(getattr(data, "tensors", None)):
         x, y = data.tensors()
     else:
         items = [data[i] for i in range(len(data))]

@@ -1,36 +1,27 @@
 """Speed of labkit.attribution against its peers (captum, pytorch-grad-cam) and against the floor.
 
     python tests/benchmarks/bench_attribution.py [--device cpu|cuda] [--quick] [--repeats 3]
-                                                 [--threads N] [--clock process|wall] [--only WORD,...]
+                                                 [--threads N] [--clock user|process|wall] [--only WORD,...]
 
-One run, the same inputs for every contender. Per method it prints the median time over
-``--repeats`` interleaved runs (more for sub-second methods, about 3 s of labkit's time; the
-``runs`` column) after one warm-up run. On a CPU the clock is user CPU time: what
-the computation costs, whatever else shares the machine (use --threads 1, as idle OpenMP
-threads spin), and without the kernel's page-fault time, which depends on what ran just before
-(glibc hands big freed blocks back to the system, so a run after a bigger one faults less:
-0.17 s of 0.54 s for 8 EfficientNet-Lite0 forward + backward passes, none after a guided
-Grad-CAM); ``--clock process`` includes it. On CUDA: synchronised wall time. Then labkit / peer and labkit / floor, where the floor is the
+One run, the same inputs for every contender; timing as in tests/benchmarks/timing.py
+(medians of interleaved rounds after a warm-up, user CPU time on a CPU, synchronised wall time
+on CUDA). Per method: labkit / peer and labkit / floor, where the floor is the
 bare model work the method needs: the same number of model evaluations as plain batched forward
 (+ backward to the input) passes of labkit's default rows per forward for the device. labkit runs
 with its defaults; the peer gets the closest batching it offers (captum's NoiseTunnel and
-IntegratedGradients cannot go below one row per image per pass). ``max diff`` checks that the
-results agree: max |labkit - peer| / max |peer| of the warm-up run, in which captum's NoiseTunnel
-gets labkit's noise.
+IntegratedGradients cannot go below one row per image per pass). The check: max |labkit - peer| /
+max |peer| of the warm-up run (in which captum's NoiseTunnel gets labkit's noise), ok up to 1e-3.
 
 Full sizes: EfficientNet-Lite0, B = 8, 224 x 224, SmoothGrad N = 50, IG 50 steps, occlusion
 32 x 32 windows by 16 (B = 2); FashionCNN B = 64. ``--quick``: B = 2, 128 x 128, N = 10, 10 steps;
-FashionCNN B = 16. Not a test: pytest does not collect bench_*.py files.
+FashionCNN B = 16. ``rows(...)`` returns the table for tests/benchmarks/run.py. Not a test:
+pytest does not collect bench_*.py files.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import math
-import resource
-import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +39,9 @@ from labkit.models import FashionCNN, load
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the stand-ins
 import grad_cam_stand_ins  # noqa: E402
+from timing import add_arguments, agreement, evaluations, frozen, markdown, measure, relative_gap, row, setup  # noqa: E402
+
+TOLERANCE = 1e-3  # max |labkit - peer| / max |peer|: float32 rounding, summed over many passes
 
 
 class GuidedBackpropReLU6(captum_attr.GuidedBackprop):
@@ -64,40 +58,12 @@ class GuidedBackpropReLU6(captum_attr.GuidedBackprop):
 class Case:
     name: str
     model_name: str
+    batch: int
     labkit: Callable
     peers: dict[str, Callable]
     floor: Callable
     # peer name -> how to bring labkit's result to the peer's convention for the check
     to_peer: dict[str, Callable] = field(default_factory=dict)
-
-
-CLOCKS = {"user": lambda: resource.getrusage(resource.RUSAGE_SELF).ru_utime,
-          "process": time.process_time, "wall": time.perf_counter}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def evaluations(model: nn.Module, rows: torch.Tensor, target: torch.Tensor, per_forward: int,
-                backward: bool) -> None:
-    """The floor: plain batched forward (+ backward to the input) passes over ``rows``."""
-    for start in range(0, len(rows), per_forward):
-        inputs, chosen = rows[start:start + per_forward], target[start:start + per_forward]
-        if backward:
-            inputs = inputs.detach().requires_grad_(True)
-            selected = model(inputs).gather(1, chosen[:, None]).sum()
-            torch.autograd.grad(selected, inputs)
-        else:
-            with torch.no_grad():
-                model(inputs)
-
-
-def frozen(model: nn.Module) -> nn.Module:
-    for p in model.parameters():  # the floor, like labkit, computes input gradients only
-        p.requires_grad_(False)
-    return model
 
 
 def shared_noise(noise: torch.Tensor, batch: int, n_samples: int):
@@ -147,20 +113,20 @@ def effnet_cases(model, x, y, sizes) -> list[Case]:
     occluded = occlusion_x.repeat_interleave(n_windows, 0)
     layer = "head.conv"
     return [
-        Case("gradient", "effnet-lite0", lambda: A.gradient(model, x, y),
+        Case("gradient", "effnet-lite0", batch, lambda: A.gradient(model, x, y),
              {"captum Saliency": lambda: captum_attr.Saliency(model).attribute(x, target=y, abs=False)},
              lambda: evaluations(floor_model, x, y, batch, backward=True)),
-        Case(f"SmoothGrad N={n}", "effnet-lite0",
+        Case(f"SmoothGrad N={n}", "effnet-lite0", batch,
              lambda: A.smoothgrad(model, x, y, n_samples=n, sigma=sigma,
                                   generator=torch.Generator(x.device).manual_seed(seed), progress=False),
              {"captum NoiseTunnel": noise_tunnel},
              lambda: evaluations(floor_model, noisy, y.repeat_interleave(n), per_forward, backward=True)),
-        Case(f"IG {steps} steps", "effnet-lite0",
+        Case(f"IG {steps} steps", "effnet-lite0", batch,
              lambda: A.integrated_gradients(model, x, y, steps=steps, progress=False),
              {"captum IntegratedGradients": lambda: captum_attr.IntegratedGradients(model).attribute(
                  x, target=y, n_steps=steps, internal_batch_size=max(per_forward, batch))},
              lambda: evaluations(floor_model, path, y.repeat(steps), per_forward, backward=True)),
-        Case(f"occlusion {window}/{stride} B=2", "effnet-lite0",
+        Case(f"occlusion {window}/{stride}", "effnet-lite0", 2,
              lambda: A.occlusion(model, occlusion_x, occlusion_y, window=window, stride=stride,
                                  progress=False),
              {"captum Occlusion": lambda: captum_attr.Occlusion(model).attribute(
@@ -199,11 +165,11 @@ def cam_cases(model, floor_model, x, y, layer, model_name) -> list[Case]:
     except ImportError as err:
         print(f"pytorch-grad-cam skipped: {err}")
     return [
-        Case("Grad-CAM", model_name, lambda: A.gradcam(model, x, y, layer=layer), gradcam_peers, floor,
+        Case("Grad-CAM", model_name, len(x), lambda: A.gradcam(model, x, y, layer=layer), gradcam_peers, floor,
              to_peer),
-        Case("guided backprop", model_name, lambda: A.guided_backprop(model, x, y),
+        Case("guided backprop", model_name, len(x), lambda: A.guided_backprop(model, x, y),
              {"captum GuidedBackprop": lambda: GuidedBackpropReLU6(model).attribute(x, target=y)}, floor),
-        Case("guided Grad-CAM", model_name, lambda: A.guided_gradcam(model, x, y, layer=layer),
+        Case("guided Grad-CAM", model_name, len(x), lambda: A.guided_gradcam(model, x, y, layer=layer),
              {"captum GuidedGradCam": guided_gradcam}, floor),
     ]
 
@@ -228,7 +194,7 @@ def fashion_cases(device, sizes) -> list[Case]:
     n_windows = ((28 - window + stride - 1) // stride + 1) ** 2
     occluded = x.repeat_interleave(n_windows, 0)
     return [
-        Case(f"occlusion {window}/{stride} B={len(x)}", "fmnist-cnn",
+        Case(f"occlusion {window}/{stride}", "fmnist-cnn", len(x),
              lambda: A.occlusion(model, x, y, window=window, stride=stride, progress=False),
              {"captum Occlusion": lambda: captum_attr.Occlusion(model).attribute(
                  x, sliding_window_shapes=(1, window, window), strides=(1, stride, stride), target=y,
@@ -242,77 +208,52 @@ def fashion_cases(device, sizes) -> list[Case]:
     ]
 
 
-def seconds(fn: Callable, device: torch.device, clock: Callable) -> float:
-    synchronize(device)
-    start = clock()
-    fn()
-    synchronize(device)
-    return clock() - start
+def measured(case: Case, device: torch.device, repeats: int, clock: str) -> list[dict]:
+    seconds, outputs, runs = measure({"labkit": case.labkit, **case.peers, "floor": case.floor},
+                                     device, repeats, clock)
+    ours = outputs["labkit"]
+    return [row(f"{case.name}", case.model_name, case.batch, device, seconds, peer,
+                agreement(relative_gap(case.to_peer.get(peer, lambda t: t)(ours), outputs[peer]), TOLERANCE),
+                runs)
+            for peer in case.peers]
 
 
-def run_case(case: Case, device: torch.device, repeats: int, clock: Callable) -> list[str]:
-    results = []  # of the warm-up runs, which are checked
-    warm_up = seconds(lambda: results.append(case.labkit()), device, clock)
-    ours = results[0]
-    checks = {}
-    for peer, fn in case.peers.items():
-        theirs = fn().detach()
-        mine = case.to_peer.get(peer, lambda t: t)(ours)
-        checks[peer] = float((mine - theirs).abs().max() / theirs.abs().max())
-    case.floor()
-    # interleaved repeats, so background load hits every contender alike; sub-second methods get
-    # more repeats (about 3 s of labkit's time), as a shared machine makes short runs noisy
-    repeats = max(repeats, min(30, math.ceil(3 / max(warm_up, 1e-3))))
-    times = {"labkit": [], "floor": [], **{peer: [] for peer in case.peers}}
-    for _ in range(repeats):
-        times["labkit"].append(seconds(case.labkit, device, clock))
-        for peer, fn in case.peers.items():
-            times[peer].append(seconds(fn, device, clock))
-        times["floor"].append(seconds(case.floor, device, clock))
-    t = {name: statistics.median(values) for name, values in times.items()}
-    return [f"{case.name:<22} {case.model_name:<13} {peer:<38} {t['labkit']:>9.3f} {t[peer]:>9.3f} "
-            f"{t['labkit'] / t[peer]:>7.2f} {t['floor']:>9.3f} {t['labkit'] / t['floor']:>7.2f} "
-            f"{checks[peer]:>9.1e} {repeats:>4}" for peer in case.peers]
+def sizes_for(quick: bool) -> dict:
+    return (dict(batch=2, side=128, samples=10, steps=10, window=32, stride=32, fashion_batch=16) if quick
+            else dict(batch=8, side=224, samples=50, steps=50, window=32, stride=16, fashion_batch=64))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: labkit.get_device())")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a quick look")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--only", default=None,
-                        help="run the cases whose name contains one of these comma-separated words")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default=None,
-                        help="user CPU time (default on CPU), process CPU time (user + system) or "
-                             "wall time (default on CUDA, synchronised)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else labkit.get_device()
-    clock_name = args.clock or ("user" if device.type == "cpu" else "wall")
-    clock = CLOCKS[clock_name]
-    sizes = (dict(batch=2, side=128, samples=10, steps=10, window=32, stride=32, fashion_batch=16)
-             if args.quick else
-             dict(batch=8, side=224, samples=50, steps=50, window=32, stride=16, fashion_batch=64))
+def rows(device: torch.device, quick: bool = False, repeats: int = 3, clock: str = "user",
+         only: str | None = None) -> list[dict]:
+    """One dict per method and peer (tests/benchmarks/timing.py's ``row``); ``only``: the
+    cases whose name contains one of these comma-separated words."""
+    sizes = sizes_for(quick)
     warnings.filterwarnings("ignore", module="captum")
     model = load("imagenet-effnet-lite0", device=device)
     photos, _ = labkit.data.sample_photos(sizes["side"])
     x = photos.repeat((sizes["batch"] + len(photos) - 1) // len(photos), 1, 1, 1)[:sizes["batch"]].to(device)
     y = torch.tensor([285, 967, 834, 812, 281, 968, 835, 813][:sizes["batch"]], device=device)  # per-sample
-    cases = effnet_cases(model, x, y, sizes) + fashion_cases(device, sizes)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{'quick' if args.quick else 'full'} sizes {sizes}, {clock_name} time, median of {args.repeats} "
-          f"after a warm-up; labkit's default rows per forward: {labkit_per_forward(x, None)} "
+    results = []
+    for case in effnet_cases(model, x, y, sizes) + fashion_cases(device, sizes):
+        if not only or any(part in case.name for part in only.split(",")):
+            results += measured(case, device, repeats, clock)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    parser.add_argument("--only", default=None,
+                        help="run the cases whose name contains one of these comma-separated words")
+    args = parser.parse_args()
+    device, clock = setup(args.threads, args.device, args.clock)
+    sizes = sizes_for(args.quick)
+    x = torch.zeros(1, 3, sizes["side"], sizes["side"], device=device)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, sizes {sizes}, "
+          f"{clock} time; labkit's default rows per forward: {labkit_per_forward(x, None)} "
           f"(EfficientNet-Lite0), {labkit_per_forward(torch.zeros(1, 1, 28, 28, device=device), None)} "
           f"(FashionCNN)")
-    print(f"{'method':<22} {'model':<13} {'peer':<38} {'labkit s':>9} {'peer s':>9} {'/peer':>7} "
-          f"{'floor s':>9} {'/floor':>7} {'max diff':>9} {'runs':>4}")
-    for case in cases:
-        if args.only and not any(part in case.name for part in args.only.split(",")):
-            continue
-        for line in run_case(case, device, args.repeats, clock):
-            print(line, flush=True)
+    print(markdown(rows(device, args.quick, args.repeats, clock, args.only)))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,22 @@
 """Speed of labkit's LRP against zennit's and against the floor, on the same inputs in one run.
 
     python tests/benchmarks/bench_lrp.py [--device cpu|cuda] [--quick] [--repeats 5] [--threads N]
+                                         [--clock user|process|wall]
 
 Composite: epsilon-plus (z+ on convolutions, epsilon on dense layers, Pass on activations and
 on the model's Normalize, Norm on average pooling and residual sums, BatchNorm merged), on
 FashionCNN (B = 256, 28 x 28) and EfficientNet-Lite0 (B = 8, 224 x 224); ``--quick``: B = 64
 and B = 2. The floor is one plain forward + backward to the input (the gradient of the target
-logits). Medians over ``--repeats`` runs after one warm-up; the three contenders take turns in
-every repeat, so a busy machine slows them alike. The last column checks that both agree:
-max |labkit - zennit| / max |zennit| from the warm-up run. Not a test: pytest does not collect
-bench_*.py files.
+logits). Timing as in tests/benchmarks/timing.py (medians of interleaved rounds after a warm-up).
+The check: max |labkit - zennit| / max |zennit| from the warm-up run. ``rows(...)`` returns the
+table for tests/benchmarks/run.py. Not a test: pytest does not collect bench_*.py files.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib.util
-import statistics
 import sys
-import time
 import types
 from unittest import mock
 
@@ -30,6 +28,7 @@ from labkit.attribution.lrp import lrp
 from labkit.models import FashionCNN, Normalize, load
 from labkit.models.efficientnet_lite import Add
 from labkit.models import WEIGHTS_DIR
+from timing import add_arguments, agreement, markdown, measure, relative_gap, row, setup
 
 
 def _have_torchvision() -> bool:
@@ -105,29 +104,10 @@ def contenders(zennit, model, x, target):
     return {"labkit": run_labkit, "zennit": run_zennit, "floor": run_floor}
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
-
-
-def measure(name, zennit, model, x, target, repeats, device):
-    runs = contenders(zennit, model, x, target)
-    warm = {who: timed(fn, device)[1] for who, fn in runs.items()}
-    gap = ((warm["labkit"] - warm["zennit"]).abs().max() / warm["zennit"].abs().max()).item()
-    times = {who: [] for who in runs}
-    for _ in range(repeats):
-        for who, fn in runs.items():
-            times[who].append(timed(fn, device)[0])
-    t = {who: statistics.median(ts) for who, ts in times.items()}
-    print(f"{name:<30} {t['labkit']:>9.3f} {t['zennit']:>9.3f} {t['floor']:>9.3f} "
-          f"{t['labkit'] / t['zennit']:>8.2f}x {t['labkit'] / t['floor']:>8.2f}x "
-          f"{t['zennit'] / t['floor']:>8.2f}x {gap:>10.1e} {'ok' if gap < AGREE[x.dtype] else 'MISMATCH'}",
-          flush=True)
+def measured(name, zennit, model, x, target, repeats, device, clock) -> dict:
+    seconds, outputs, runs = measure(contenders(zennit, model, x, target), device, repeats, clock)
+    gap = relative_gap(outputs["labkit"], outputs["zennit"])
+    return row("LRP epsilon-plus", name, len(x), device, seconds, "zennit", agreement(gap, AGREE[x.dtype]), runs)
 
 
 def fashion_case(device, batch):
@@ -149,29 +129,21 @@ def effnet_case(device, batch):
         return model, x, model(x).argmax(1)
 
 
+def rows(device: torch.device, quick: bool = False, repeats: int = 5, clock: str = "user") -> list[dict]:
+    """The two cases as rows of tests/benchmarks/timing.py."""
+    zennit = import_zennit()
+    fashion_batch, effnet_batch = (64, 2) if quick else (256, 8)
+    return [measured("fmnist-cnn", zennit, *fashion_case(device, fashion_batch), repeats, device, clock),
+            measured("effnet-lite0", zennit, *effnet_case(device, effnet_batch), repeats, device, clock)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default=None, help="default: labkit.get_device()")
-    parser.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per contender (default 5, quick 3)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (on a busy machine, 1 keeps threads from waiting "
-                             "on each other)")
+    add_arguments(parser, repeats=5)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device) if args.device else labkit.get_device()
-    repeats = args.repeats or (3 if args.quick else 5)
-    zennit = import_zennit()
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"median of {repeats} after one warm-up; times in seconds")
-    print(f"{'case (epsilon-plus)':<30} {'labkit':>9} {'zennit':>9} {'floor':>9} "
-          f"{'lk/zen':>9} {'lk/floor':>9} {'zen/floor':>9} {'max diff':>10} agree")
-    fashion_batch, effnet_batch = (64, 2) if args.quick else (256, 8)
-    measure(f"fmnist-cnn B={fashion_batch}", zennit, *fashion_case(device, fashion_batch), repeats, device)
-    effnet = effnet_case(device, effnet_batch)
-    measure(f"effnet-lite0 B={effnet_batch} 224x224", zennit, *effnet, repeats, device)
+    device, clock = setup(args.threads, args.device, args.clock)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} time")
+    print(markdown(rows(device, args.quick, args.repeats, clock)))
 
 
 if __name__ == "__main__":
