@@ -83,6 +83,34 @@ class _Relevance(torch.autograd.Function):
         return (None, None, *(relevance if scale is None else relevance * scale for scale in ctx.scales))
 
 
+class _Transposed(torch.autograd.Function):
+    """What ``_Link`` followed by the layer gives in the backward pass, ``value * F^T(grad)``,
+    without computing ``F(value)`` in the forward pass: it returns ``like`` (the layer's output,
+    of the same shape) instead. For a rule whose denominator is the layer's own output
+    (epsilon), that forward value is never used, and computing it cost a second conv pass."""
+
+    @staticmethod
+    def forward(ctx, a, value, like, layer, weight):
+        ctx.save_for_backward(value, weight)
+        ctx.layer, ctx.input_shape = layer, a.shape
+        return like.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, weight = ctx.saved_tensors
+        module = ctx.layer.module
+        if isinstance(module, nn.Linear):
+            back = grad @ weight
+        else:
+            back = _CONV_INPUT_GRAD[type(module)](ctx.input_shape, weight, grad, module.stride,
+                                                  module.padding, module.dilation, module.groups)
+        return value * back, None, None, None, None
+
+
+_CONV_INPUT_GRAD = {nn.Conv1d: torch.nn.grad.conv1d_input, nn.Conv2d: torch.nn.grad.conv2d_input,
+                    nn.Conv3d: torch.nn.grad.conv3d_input}
+
+
 def _relevance(value, *terms):
     """``value`` whose backward sends ``R * scale`` into each ``(numerator, scale)``."""
     return _Relevance.apply(value, tuple(scale for _, scale in terms), *(num for num, _ in terms))
@@ -110,6 +138,14 @@ class _Layer:
         if isinstance(self.module, nn.Linear):
             return F.linear(linked, weight)
         return self.module._conv_forward(linked, weight, None)
+
+    def backward_only(self, a, z):
+        """``self(a, a, self.weight)`` where only its backward is needed (its values would be
+        ``z`` minus the bias): see :class:`_Transposed`."""
+        m = self.module
+        if isinstance(m, _CONV) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
+            return self(a, a, self.weight)  # conv*_input knows neither
+        return _Transposed.apply(a, a, z, self, self.weight)
 
     def plus_bias(self, t, bias):
         return t + (bias if isinstance(self.module, nn.Linear) else bias.reshape(-1, *[1] * (t.dim() - 2)))
@@ -143,7 +179,7 @@ class Epsilon(Rule):
             raise ValueError("epsilon must be > 0 (use a tiny value such as 1e-9 for LRP-0), got 0")
 
     def output(self, layer, a, z):
-        return _relevance(z, (layer(a, a, layer.weight), 1 / _stabilized(z, self.epsilon)))
+        return _relevance(z, (layer.backward_only(a, z), 1 / _stabilized(z, self.epsilon)))
 
 
 @dataclass(frozen=True)
