@@ -61,17 +61,25 @@ def moves_by_eps(out, case) -> str | None:
     return None
 
 
-def _attack_cases(generator: torch.Generator) -> list[Case]:
-    cases = []
-    # plus a batch of 8: mistakes that show on only some images (max(g) instead of max|g|) show
+def attack_inputs(generator: torch.Generator):
+    """``(model, x, y, classes, description)`` for each shape an attack check tries: the usual
+    ones plus a batch of 8, on which mistakes that show on only some images (max(g) instead of
+    max|g|, a norm of the whole batch) show. A generator: what the caller draws in between
+    comes from the same random stream."""
     shapes = image_shapes(generator) + [(8, 1, draw(generator, 8, 12), draw(generator, 8, 12))]
     for batch, channels, height, width in shapes:
         classes = draw(generator, 4, 10)
         model = tiny_cnn(channels, classes)
         x = images(generator, batch, channels, height, width, saturated=0.4)
         y = torch.randint(classes, (batch,), generator=generator)
+        yield model, x, y, classes, describe(batch, channels, height, width)
+
+
+def _attack_cases(generator: torch.Generator) -> list[Case]:
+    cases = []
+    for model, x, y, classes, description in attack_inputs(generator):
         eps = round(0.03 + 0.12 * float(torch.rand(1, generator=generator)), 3)
-        cases.append(Case((model, x, y, eps), describe=describe(batch, channels, height, width) + f", eps={eps}"))
+        cases.append(Case((model, x, y, eps), describe=description + f", eps={eps}"))
     return cases
 
 

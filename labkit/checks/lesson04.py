@@ -5,10 +5,10 @@ import torch
 
 from .. import attacks
 from . import _engine
-from ._cases import describe, draw, image_shapes, images, other_classes, tiny_cnn
+from ._cases import draw, other_classes
 from ._engine import Case, Mistake, Spec
-from .lesson03 import (_always_rescale, _batch_l2, _pgd_variant, attack_match, cross_entropy_gradient,
-                       in_eps_ball, in_unit_range, mean_cross_entropy_gradient)
+from .lesson03 import (_always_rescale, _batch_l2, _pgd_variant, attack_inputs, attack_match,
+                       cross_entropy_gradient, in_eps_ball, in_unit_range, mean_cross_entropy_gradient)
 
 __all__ = ["check_targeted_l2_pgd"]
 
@@ -27,19 +27,13 @@ def _l2_targeted(variant):
 
 def _cases(generator: torch.Generator) -> list[Case]:
     cases = []
-    # plus a batch of 8: mistakes that show on only some images (a norm of the whole batch) show
-    shapes = image_shapes(generator) + [(8, 1, draw(generator, 8, 12), draw(generator, 8, 12))]
-    for batch, channels, height, width in shapes:
-        classes = draw(generator, 4, 10)
-        model = tiny_cnn(channels, classes)
-        x = images(generator, batch, channels, height, width, saturated=0.4)
-        target = other_classes(generator, torch.randint(classes, (batch,), generator=generator), classes)
+    for model, x, y, classes, description in attack_inputs(generator):
+        target = other_classes(generator, y, classes)
         eps = round(0.4 + 0.5 * float(torch.rand(1, generator=generator)), 3)
         steps = draw(generator, 3, 5)
         step_size = round(eps / 2.5, 4)  # the first steps stay inside the ball, the last ones leave it
         cases.append(Case((model, x, target, eps, step_size, steps),
-                          describe=describe(batch, channels, height, width) +
-                          f", eps={eps}, step_size={step_size}, steps={steps}"))
+                          describe=description + f", eps={eps}, step_size={step_size}, steps={steps}"))
     return cases
 
 
