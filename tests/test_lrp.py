@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import sys
-import types
 import warnings
-from unittest import mock
 
 import pytest
 import torch
@@ -20,32 +17,19 @@ from labkit.attribution.lrp import (Composite, Epsilon, Flat, Gamma, ZBox, ZPlus
                                     fold_batchnorm, lrp)
 from labkit.models import WEIGHTS_DIR, FashionCNN, Normalize
 from labkit.models.efficientnet_lite import Add, ConvUnit, MBConv
+from zennit_stand_in import import_zennit
 
 STABILIZER = 1e-6
 
 
 # ---- fixtures -------------------------------------------------------------------------------
 
-def _have_torchvision() -> bool:
-    return "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None
-
-
 @pytest.fixture(scope="module")
 def zennit():
-    """zennit imports torchvision at import time, only for its ResNet canonizers (the two block
-    classes of torchvision.models.resnet). torchvision must not be installed here, so a stand-in
-    with those two names sits in sys.modules while zennit is imported, and is removed after."""
+    """zennit's modules, imported with a torchvision stand-in (see zennit_stand_in.py)."""
     if importlib.util.find_spec("zennit") is None:
         pytest.skip("zennit is not installed (pip install --no-deps zennit)")
-    resnet = types.ModuleType("torchvision.models.resnet")
-    resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})
-    resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})
-    stand_ins = {"torchvision": types.ModuleType("torchvision"),
-                 "torchvision.models": types.ModuleType("torchvision.models"),
-                 "torchvision.models.resnet": resnet}
-    with mock.patch.dict(sys.modules, {} if _have_torchvision() else stand_ins):
-        names = ("attribution", "canonizers", "composites", "layer", "rules", "types")
-        return types.SimpleNamespace(**{n: importlib.import_module(f"zennit.{n}") for n in names})
+    return import_zennit()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 code: everything up to the first exercise runs without error, and every exercise's check says
 "not implemented yet" (the equivalent of nbgrader's ``validate --invert``). Also: they are up to
 date with solutions/."""
-import os
 import re
 from pathlib import Path
 

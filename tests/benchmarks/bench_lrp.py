@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import sys
-import types
-from unittest import mock
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,23 +28,8 @@ from labkit.models.efficientnet_lite import Add
 from labkit.models import WEIGHTS_DIR
 from timing import add_arguments, agreement, markdown, measure, relative_gap, row, setup
 
-
-def _have_torchvision() -> bool:
-    return "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None
-
-
-def import_zennit():
-    """zennit imports torchvision (for its ResNet canonizers only); torchvision must not be
-    installed here, so a stand-in with the two names zennit reads is used while it imports."""
-    resnet = types.ModuleType("torchvision.models.resnet")
-    resnet.Bottleneck = type("Bottleneck", (nn.Module,), {})
-    resnet.BasicBlock = type("BasicBlock", (nn.Module,), {})
-    stand_ins = {"torchvision": types.ModuleType("torchvision"),
-                 "torchvision.models": types.ModuleType("torchvision.models"),
-                 "torchvision.models.resnet": resnet}
-    with mock.patch.dict(sys.modules, {} if _have_torchvision() else stand_ins):
-        names = ("attribution", "canonizers", "composites", "layer", "rules")
-        return types.SimpleNamespace(**{n: importlib.import_module(f"zennit.{n}") for n in names})
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the zennit stand-in
+from zennit_stand_in import import_zennit  # noqa: E402
 
 
 def zennit_epsilon_plus(zennit):
