@@ -22,6 +22,15 @@ Every check records ``{check, passed, hint, time, seed}``:
   ``time`` is UTC (ISO 8601); ``seed`` reproduces the inputs of that call
   (``labkit.checks._engine.run(spec, fn, seed=...)``); ``hint`` is empty when passed.
 
+What a check returns, and test cells
+------------------------------------
+A check returns its :class:`Result` (``.passed``, ``.hint``, ``.name``), truthy on a pass, so
+``assert check_gradient(gradient)`` works; the cell shows only the printed line. Inside
+``with raising():`` a failing check raises ``AssertionError(hint)`` and a passing one writes
+nothing to stderr: what graders that score a test cell by its errors need. nbgrader gets this
+without asking: while it autogrades or validates, it sets ``NBGRADER_EXECUTION`` in the
+kernel's environment, and the checks raise then (see the README, "Using labkit with nbgrader").
+
 A student's code runs in the same process as the checks, so these records show what the checks
 said, not a tamper-proof verdict; the grader (``python -m labkit.grade``) decides how far to
 trust them.
@@ -29,11 +38,11 @@ trust them.
 import importlib
 import pkgutil
 
-from ._engine import clear_results, results
+from ._engine import Result, clear_results, raising, results
 
 # every ``lessonNN`` module lists its checks in ``__all__``; a new lesson's checks appear here
 # by adding its module, nothing else
-__all__ = ["results", "clear_results"]
+__all__ = ["results", "clear_results", "Result", "raising"]
 for _lesson in sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name.startswith("lesson")):
     _module = importlib.import_module(f".{_lesson}", __name__)
     globals().update({name: getattr(_module, name) for name in _module.__all__})

@@ -5,8 +5,10 @@ A check never shows the reference's values: hints name what differs (type, devic
 shape, sign, a scale factor, a missing clamp or projection, a known mistake), and numbers in
 them are shapes, factors or error percentages only.
 
-Each check prints one line, ``✅ <check>: passed`` or ``❌ <check>: <hint>``, and records
-a :class:`Result`; see ``labkit.checks`` for where results go.
+Each check prints one line, ``✅ <check>: passed`` or ``❌ <check>: <hint>``, records a
+:class:`Result` and returns it (truthy on a pass); see ``labkit.checks`` for where results go.
+Under :func:`raising` (on by itself while nbgrader autogrades or validates) a failing check
+raises ``AssertionError(hint)`` and a passing one writes nothing to stderr.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import dataclasses
 import datetime
 import functools
 import inspect
+import io
 import json
 import linecache
 import os
@@ -40,12 +43,27 @@ REFUSED = ("this is labkit's own implementation (or calls it): write your own im
 
 @dataclass(frozen=True)
 class Result:
-    """One check's outcome, as the grader reads it."""
+    """One check's outcome, as the grader reads it; what a check returns. Truthy on a pass, so
+    ``assert check_x(f)`` works; ``str()`` is the line the check printed."""
     check: str
     passed: bool
     hint: str
     time: str
     seed: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.check
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def __str__(self) -> str:
+        return f"✅ {self.check}: passed" if self.passed else f"❌ {self.check}: {self.hint}"
+
+    def _ipython_display_(self) -> None:
+        """A check cell ends in the call: the check already printed its line, so no ``Out[]``
+        (which would also read as partial credit to nbgrader)."""
 
 
 _RESULTS: list[Result] = []
@@ -66,7 +84,7 @@ def record(check: str, passed: bool, hint: str = "", seed: int | None = None) ->
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result = Result(check, passed, "" if passed else hint, now, seed)
     _RESULTS.append(result)
-    print(f"✅ {check}: passed" if passed else f"❌ {check}: {hint}")
+    print(result)
     log = os.environ.get(LOG_ENV)
     if log:
         line = json.dumps({"check": check, "passed": passed, "hint": result.hint, "time": now,
@@ -434,16 +452,48 @@ def _fresh_seed() -> int:
     return secrets.randbits(31)
 
 
-def run(spec: Spec, student, seed: int | None = None) -> bool:
-    """Check ``student`` against ``spec``; print and record the result; return whether it passed."""
-    seed = _fresh_seed() if seed is None else seed
+# nbgrader sets this in the kernel's environment while it autogrades or validates a notebook
+# (documented in its FAQ), so a check cell is a test cell there and nowhere else.
+NBGRADER_ENV = "NBGRADER_EXECUTION"
+_RAISING = False
+
+
+@contextlib.contextmanager
+def raising():
+    """Grading mode, for test cells of graders that fail a cell on an exception or on stderr
+    output (nbgrader, otter, pytest): inside, a failing check raises ``AssertionError(hint)``
+    after printing its line, and a passing one writes nothing to stderr (warnings or progress
+    bars of the code it runs are swallowed). On by itself while nbgrader autogrades or
+    validates; a student running the notebook sees the checks print and return as usual."""
+    global _RAISING
+    previous, _RAISING = _RAISING, True
     try:
-        _check(spec, student, seed)
-    except Failure as failure:
-        record(spec.name, False, str(failure), seed)
-        return False
-    record(spec.name, True, "", seed)
-    return True
+        yield
+    finally:
+        _RAISING = previous
+
+
+def is_raising() -> bool:
+    return _RAISING or os.environ.get(NBGRADER_ENV) in ("autograde", "validate")
+
+
+def run(spec: Spec, student, seed: int | None = None) -> Result:
+    """Check ``student`` against ``spec``; print, record and return the :class:`Result`
+    (under :func:`raising`, a failure raises ``AssertionError(hint)`` instead of returning)."""
+    seed = _fresh_seed() if seed is None else seed
+    grading = is_raising()
+    with contextlib.ExitStack() as quiet:
+        if grading:  # nbgrader scores a test cell with any stderr output 0
+            quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        try:
+            _check(spec, student, seed)
+        except Failure as failure:
+            result = record(spec.name, False, str(failure), seed)
+        else:
+            result = record(spec.name, True, "", seed)
+    if grading and not result:
+        raise AssertionError(result.hint)
+    return result
 
 
 def _check(spec: Spec, student, seed: int) -> None:

@@ -43,6 +43,6 @@ PREDICT_PROBA = Spec(
 )
 
 
-def check_predict_proba(predict_proba) -> None:
+def check_predict_proba(predict_proba) -> _engine.Result:
     """Warm-up: ``predict_proba(model, x)`` returns the ``B x classes`` probabilities of a batch."""
-    _engine.run(PREDICT_PROBA, predict_proba)
+    return _engine.run(PREDICT_PROBA, predict_proba)

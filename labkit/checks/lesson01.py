@@ -112,16 +112,16 @@ SALIENCY_MAP = Spec(
 )
 
 
-def check_gradient(gradient) -> None:
+def check_gradient(gradient) -> _engine.Result:
     """``gradient(model, x, target)``: ``d logit_target / d x``, shaped like ``x``."""
-    _engine.run(GRADIENT, gradient)
+    return _engine.run(GRADIENT, gradient)
 
 
-def check_gradient_x_input(gradient_x_input) -> None:
+def check_gradient_x_input(gradient_x_input) -> _engine.Result:
     """``gradient_x_input(model, x, target)``: ``x * d logit_target / d x``."""
-    _engine.run(GRADIENT_X_INPUT, gradient_x_input)
+    return _engine.run(GRADIENT_X_INPUT, gradient_x_input)
 
 
-def check_saliency_map(saliency_map) -> None:
+def check_saliency_map(saliency_map) -> _engine.Result:
     """``saliency_map(model, x, target)``: ``max`` over channels of ``|gradient|``, ``B x H x W``."""
-    _engine.run(SALIENCY_MAP, saliency_map)
+    return _engine.run(SALIENCY_MAP, saliency_map)

@@ -189,12 +189,12 @@ INTEGRATED_GRADIENTS = Spec(
 )
 
 
-def check_smoothgrad(smoothgrad) -> None:
+def check_smoothgrad(smoothgrad) -> _engine.Result:
     """``smoothgrad(model, x, target, n_samples, sigma)``: the target logit's gradient averaged
     over ``n_samples`` copies of ``x`` with Gaussian noise of std ``sigma * (max - min)``."""
-    _engine.run(SMOOTHGRAD, smoothgrad)
+    return _engine.run(SMOOTHGRAD, smoothgrad)
 
 
-def check_integrated_gradients(integrated_gradients) -> None:
+def check_integrated_gradients(integrated_gradients) -> _engine.Result:
     """``integrated_gradients(model, x, target, baseline, steps)``."""
-    _engine.run(INTEGRATED_GRADIENTS, integrated_gradients)
+    return _engine.run(INTEGRATED_GRADIENTS, integrated_gradients)

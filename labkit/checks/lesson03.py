@@ -242,16 +242,16 @@ PGD = Spec(
 )
 
 
-def check_fgsm(fgsm) -> None:
+def check_fgsm(fgsm) -> _engine.Result:
     """``fgsm(model, x, y, eps)``: ``clip(x + eps * sign(grad_x CE(model(x), y)), 0, 1)``."""
-    _engine.run(FGSM, fgsm)
+    return _engine.run(FGSM, fgsm)
 
 
-def check_gradient_step(gradient_step) -> None:
+def check_gradient_step(gradient_step) -> _engine.Result:
     """``gradient_step(model, x, y, eps)``: ``clip(x + eps * g / max|g|, 0, 1)`` per image."""
-    _engine.run(GRADIENT_STEP, gradient_step)
+    return _engine.run(GRADIENT_STEP, gradient_step)
 
 
-def check_pgd(pgd) -> None:
+def check_pgd(pgd) -> _engine.Result:
     """``pgd(model, x, y, eps, step_size, steps, norm="linf", targeted=False)``."""
-    _engine.run(PGD, pgd)
+    return _engine.run(PGD, pgd)

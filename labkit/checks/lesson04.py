@@ -77,7 +77,7 @@ TARGETED_L2_PGD = Spec(
 )
 
 
-def check_targeted_l2_pgd(targeted_l2_pgd) -> None:
+def check_targeted_l2_pgd(targeted_l2_pgd) -> _engine.Result:
     """``targeted_l2_pgd(model, x, target, eps, step_size, steps)``: PGD in the L2 eps-ball
     around ``x``, descending the cross-entropy of ``target``, starting at ``x``."""
-    _engine.run(TARGETED_L2_PGD, targeted_l2_pgd)
+    return _engine.run(TARGETED_L2_PGD, targeted_l2_pgd)

@@ -134,12 +134,12 @@ CORRELATION = Spec(
 )
 
 
-def check_edge_map(edge_map) -> None:
+def check_edge_map(edge_map) -> _engine.Result:
     """``edge_map(x)``: ``sqrt(Gx^2 + Gy^2)`` of the Sobel derivatives of the channel-mean image,
     zero padding, ``B x H x W``."""
-    _engine.run(EDGE_MAP, edge_map)
+    return _engine.run(EDGE_MAP, edge_map)
 
 
-def check_correlation(correlation) -> None:
+def check_correlation(correlation) -> _engine.Result:
     """``correlation(a, b)``: Pearson's correlation of each pair of maps ``a[i]``, ``b[i]``, shape ``B``."""
-    _engine.run(CORRELATION, correlation)
+    return _engine.run(CORRELATION, correlation)

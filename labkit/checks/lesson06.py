@@ -116,8 +116,8 @@ VISUALIZE_CLASS = Spec(
 )
 
 
-def check_visualize_class(visualize_class) -> None:
+def check_visualize_class(visualize_class) -> _engine.Result:
     """``visualize_class(model, x0, target, steps, lr, l2_decay=0.0)``: ``steps`` times
     ``x <- (1 - l2_decay) * clip(x + lr * sqrt(D) * g / ||g||_2, 0, 1)``, ``g`` the gradient of
     each image's target logit."""
-    _engine.run(VISUALIZE_CLASS, visualize_class)
+    return _engine.run(VISUALIZE_CLASS, visualize_class)

@@ -186,14 +186,14 @@ GUIDED_BACKPROP = Spec(
 )
 
 
-def check_grad_cam(grad_cam) -> None:
+def check_grad_cam(grad_cam) -> _engine.Result:
     """``grad_cam(model, x, target, layer)``: ``relu(sum_k alpha_k A_k)`` of the layer named
     ``layer``, ``alpha_k`` the spatial mean of ``d logit_target / dA_k``, bilinearly upsampled to
     ``B x 1 x H x W``; every hook removed afterwards."""
-    _engine.run(GRAD_CAM, grad_cam)
+    return _engine.run(GRAD_CAM, grad_cam)
 
 
-def check_guided_backprop(guided_backprop) -> None:
+def check_guided_backprop(guided_backprop) -> _engine.Result:
     """``guided_backprop(model, x, target)``: the input gradient of the target logit with every
     ReLU passing back only positive gradients, shaped like ``x``."""
-    _engine.run(GUIDED_BACKPROP, guided_backprop)
+    return _engine.run(GUIDED_BACKPROP, guided_backprop)

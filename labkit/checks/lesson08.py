@@ -131,7 +131,7 @@ LRP_EPSILON = Spec(
 )
 
 
-def check_lrp_epsilon(lrp_epsilon) -> None:
+def check_lrp_epsilon(lrp_epsilon) -> _engine.Result:
     """``lrp_epsilon(model, x, target, epsilon)``: LRP-epsilon relevance of the target logit on an
     ``nn.Sequential(Flatten, Linear, ReLU, ..., Linear)``, shaped like ``x``."""
-    _engine.run(LRP_EPSILON, lrp_epsilon)
+    return _engine.run(LRP_EPSILON, lrp_epsilon)

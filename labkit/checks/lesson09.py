@@ -88,12 +88,11 @@ MIXED_LOSS = Spec(
 )
 
 
-def check_fgsm_mixed_loss(fgsm_mixed_loss) -> None:
+def check_fgsm_mixed_loss(fgsm_mixed_loss) -> _engine.Result:
     """``fgsm_mixed_loss(model, x, y, eps, alpha)``: ``alpha * CE(model(x), y) + (1 - alpha) *
     CE(model(x_fgsm), y)``, a scalar tensor that training can backpropagate through."""
     if not callable(fgsm_mixed_loss):
-        _engine.run(MIXED_LOSS, fgsm_mixed_loss)  # the engine's "pass your function" hint
-        return
+        return _engine.run(MIXED_LOSS, fgsm_mixed_loss)  # the engine's "pass your function" hint
     attached = []
 
     @functools.wraps(fgsm_mixed_loss)
@@ -111,7 +110,7 @@ def check_fgsm_mixed_loss(fgsm_mixed_loss) -> None:
                     ".detach()-ed): training calls loss.backward(), so return it with its graph")
         return None
 
-    _engine.run(dataclasses.replace(MIXED_LOSS, requirements=(trainable,)), detached)
+    return _engine.run(dataclasses.replace(MIXED_LOSS, requirements=(trainable,)), detached)
 
 
 # ---------------------------------------------------------------- the consistency distance
@@ -164,6 +163,6 @@ DISTANCE = Spec(
 )
 
 
-def check_representation_distance(representation_distance) -> None:
+def check_representation_distance(representation_distance) -> _engine.Result:
     """``representation_distance(model, x, x_adv)``: ``||phi(x) - phi(x_adv)||_2`` per image."""
-    _engine.run(DISTANCE, representation_distance)
+    return _engine.run(DISTANCE, representation_distance)
