@@ -236,6 +236,8 @@ def nbgrader_problems(cells: list, names: list[str]) -> list[str]:
         if meta is None:
             continue
         grade_id = meta.get("grade_id")
+        if grade_id is None and any(meta.get(key) for key in ("grade", "locked", "solution")):
+            problems.append(f"{where}: nbgrader metadata without a grade_id")
         if grade_id is not None and not re.fullmatch(r"[A-Za-z0-9_\-]+", grade_id):
             problems.append(f"{where}: grade_id {grade_id!r} may contain only letters, digits, _ and -")
         if grade_id in seen:
