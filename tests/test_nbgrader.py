@@ -158,7 +158,8 @@ def test_check_names_notebook_and_cell_of_bad_nbgrader_metadata(tmp_path, capsys
 # ---------------------------------------------------------------- nbgrader end to end
 
 def run(command, cwd):
-    """One command of the README's nbgrader section; nbgrader calls `alembic` from its own bin."""
+    """One command of the README's nbgrader section, with the environment's bin/ first on PATH
+    (as `source .venv/bin/activate` does: nbgrader calls `alembic` from there)."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                OMP_NUM_THREADS="1")
     env.pop(_engine.NBGRADER_ENV, None)
@@ -184,7 +185,7 @@ def with_answers(nb, answers, flip=None):
 @pytest.mark.nbgrader
 def test_nbgrader_generates_validates_autogrades_and_exports_lesson_01(tmp_path):
     pytest.importorskip("nbgrader", reason="nbgrader is a test dependency (pip install -e '.[test]')")
-    nbgrader = [sys.executable, "-m", "nbgrader"]
+    nbgrader = ["nbgrader"]  # the environment's script: run() puts its bin/ first on PATH
     course = tmp_path / "course"
     run([*nbgrader, "quickstart", "course"], tmp_path)
     run([sys.executable, "-m", "labkit.notebooks", "nbgrader-source", str(course / "source"),
