@@ -14,6 +14,7 @@ import torch
 from labkit import checks
 from labkit import notebooks as tool
 from labkit.checks import _engine
+from labkit.grade import check_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSON = "01_gradient_saliency"
@@ -153,6 +154,18 @@ def test_check_names_notebook_and_cell_of_bad_nbgrader_metadata(tmp_path, capsys
                         "--notebooks", str(tmp_path / "notebooks")])
     err = capsys.readouterr().err
     assert status == 2 and f"98_bad.ipynb, {message}" in err
+
+
+def test_every_lesson_passes_nbgraders_own_metadata_validator():
+    pytest.importorskip("nbgrader", reason="nbgrader is a test dependency (pip install -e '.[test]')")
+    from nbgrader.nbgraderformat import MetadataValidator
+    for path in sorted((ROOT / "solutions").glob("*.ipynb")):
+        solution = nbformat.read(path, as_version=4)
+        for nb in (tool.nbgrader_source(solution, path.name), nbformat.read(ROOT / "notebooks" / path.name, as_version=4)):
+            MetadataValidator().validate_nb(nb)
+            ids = [c.metadata.nbgrader["grade_id"] for c in nb.cells if "nbgrader" in c.metadata]
+            calls = [c for c in nb.cells if check_calls(nbformat.v4.new_notebook(cells=[c]))]
+            assert len(ids) == len(set(ids)) and all(c.metadata.nbgrader["grade"] for c in calls), path.name
 
 
 # ---------------------------------------------------------------- nbgrader end to end
