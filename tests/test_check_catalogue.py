@@ -686,7 +686,7 @@ add(C, "start from probability", lrp(start="probability"))
 add(C, "bias twice", lrp(bias=2.0))
 add(C, "no bias", lrp(bias=0.0))
 add(C, "epsilon only at the top", lrp(layers_eps="top"))
-add(C, "plain gradient", g_logit)
+add(C, "plain gradient", lambda m, x, t, eps: g_logit(m, x, t))
 add(C, "gradient x input", lambda m, x, t, eps: g_logit(m, x, t) * x)
 add(C, "sign(z) >= 0 as bool", lrp(sign=lambda z: (z > 0).float()))
 
