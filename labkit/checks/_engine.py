@@ -408,8 +408,8 @@ def value_hint(out: torch.Tensor, ref: torch.Tensor, match: Callable, inputs: di
     few = ref.dim() <= 1  # one number per image: state kinds of mistakes, never numbers
     negated, absolute = match(out, -ref), bool((ref < 0).any()) and match(out, ref.abs())
     if negated and absolute:
-        return ("the result is positive where it should be negative: a sign flipped (+/-) or "
-                "an absolute value taken")
+        return ("the result has the opposite sign where it should be negative: a sign flipped "
+                "(+/-), or an absolute value taken (.abs())")
     if negated:
         return "the result has the opposite sign: check the direction (+/-) of your formula"
     if absolute:
