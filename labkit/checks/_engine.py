@@ -366,6 +366,16 @@ def shape_hint(out: torch.Tensor, ref: torch.Tensor, dims: Sequence[str]) -> str
             return base + f": the {name} dimension is missing (did you sum, average or max over it?)"
     if out.dim() == ref.dim() + 1 and 1 in out.shape:
         return base + ": there is an extra dimension of size 1 (squeeze it)"
+    if out.dim() == ref.dim() >= 1 and out.shape[1:] == ref.shape[1:] and out.shape[0] != ref.shape[0]:
+        return base + (": the first (batch) dimension has the wrong size: one result per image; "
+                       "did you reduce over the batch (dim=0) instead of another dimension?")
+    if out.dim() == ref.dim() >= 2 and out.shape[:-2] == ref.shape[:-2]:
+        (h, w), (rh, rw) = out.shape[-2:], ref.shape[-2:]
+        if (h, w) == (rw, rh):
+            return base + ": height and width are swapped (check .T / .transpose / permute)"
+        if h < rh and rh - h == rw - w and (rh - h) % 2 == 0:
+            return base + (f": {rh - h} pixels smaller in height and width, as after a convolution "
+                           f"without padding: pad by {(rh - h) // 2} pixel(s) (padding=...)")
     if out.dim() == ref.dim():
         for d in range(ref.dim()):
             if out.shape[d] == 1 and ref.shape[d] != 1 and all(
@@ -704,11 +714,6 @@ def _steps_hint(spec: Spec, case: Case, names, out, match, rows) -> str | None:
         steps = case.args[index]
     else:
         return None
-    x = next((a for a in case.args if isinstance(a, torch.Tensor)), None)
-    if x is not None and steps > 1 and rows[0] < steps * len(x):
-        return (f"your function evaluated the model on {rows[0] // max(len(x), 1)} batch(es) for "
-                f"{spec.steps}={steps}: compute the gradient anew at every step, at the current "
-                f"image, not once at the start")
     for other, words in ((steps - 1, "one step too few"), (steps + 1, "one step too many")):
         if other < 1:
             continue
@@ -719,4 +724,13 @@ def _steps_hint(spec: Spec, case: Case, names, out, match, rows) -> str | None:
         if match(out, spec.reference(*args, **kwargs), case):
             return (f"your loop runs {words}: {spec.steps}={steps} means exactly {steps} updates "
                     f"(for _ in range({spec.steps}))")
+    x = next((a for a in case.args if isinstance(a, torch.Tensor)), None)
+    if x is not None and steps > 1 and rows[0] < steps * len(x):
+        batches = rows[0] // max(len(x), 1)
+        if batches <= 1:
+            return (f"your function evaluated the model only {'once' if batches else 'never'} for "
+                    f"{spec.steps}={steps}: compute the gradient anew at every step, at the current "
+                    f"image, not once at the start")
+        return (f"your function evaluated the model on {batches} batches for {spec.steps}={steps}: "
+                f"every step needs the gradient at the current image")
     return None

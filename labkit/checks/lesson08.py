@@ -123,6 +123,8 @@ MISTAKES = (
             "z = layer(a), or a @ W.T + b, not layer(a) + layer.bias", _variant(bias_scale=2.0)),
     Mistake("the denominator z_k must include the bias: z_k = sum_j a_j w_jk + b_k (the layer's "
             "output before the ReLU); without b_k the bias absorbs nothing", _variant(bias_scale=0.0)),
+    Mistake("sign(z) is -1 for negative z: (z > 0) or (z >= 0) as a number gives 0 there, which "
+            "drops the stabilizer for negative z", _variant(denominator=lambda z, eps: z + eps * (z >= 0).to(z.dtype))),
     Mistake("use the stabilizer epsilon at every layer, not only at the output layer",
             _variant(top_only=True)),
     Mistake("start from the target's logit f_t(x) on the target class (zeros elsewhere), not from 1",
