@@ -22,6 +22,7 @@ from torch import nn
 
 from labkit import checks, models
 from labkit.checks import _engine
+from test_checks import assert_no_reference_values
 
 GENERIC = "values differ from labkit's reference"
 
@@ -766,6 +767,7 @@ def run(v: Variant, seed: int) -> tuple[bool, str]:
     return result["passed"], result["hint"]
 
 
+ONE_NUMBER_PER_IMAGE = {"check_correlation", "check_representation_distance", "check_fgsm_mixed_loss"}
 IDS = [f"{v.check.removeprefix('check_')}-{v.name}" for v in CATALOGUE]
 
 
@@ -781,6 +783,9 @@ def test_catalogue(v: Variant, capsys):
         assert "on " in hint and "(" in hint, f"the hint does not name the case: {hint}"
         if v.fragment:
             assert v.fragment in hint, f"expected {v.fragment!r} in {hint!r}"
+        assert_no_reference_values(hint)
+        if v.check in ONE_NUMBER_PER_IMAGE:  # a factor, an offset or an error size would give it away
+            assert "times the expected" not in hint and "%" not in hint, hint
 
 
 def measure(seeds) -> None:
