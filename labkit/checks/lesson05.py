@@ -85,8 +85,8 @@ EDGE_MAP = Spec(
                 "luminance", _from_components(lambda g: g.norm(dim=1), grey=_luminance)),
         Mistake("the grey image is the mean of the channels, not their maximum",
                 _from_components(lambda g: g.norm(dim=1), grey=lambda x: x.amax(dim=1, keepdim=True))),
-        Mistake("that is the Prewitt kernel (1, 1, 1): Sobel weights the centre row twice, "
-                "[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]", _prewitt),
+        Mistake("that is the Prewitt kernel, rows weighted 1, 1, 1: Sobel weights the centre row "
+                "twice, rows weighted 1, 2, 1", _prewitt),
         Mistake("pad with zeros (F.conv2d(..., padding=1)), not by repeating the border pixels",
                 _from_components(lambda g: g.norm(dim=1), padding="replicate")),
     ),
