@@ -2,8 +2,13 @@
 reference on the same fresh inputs and turn any difference into a hint.
 
 A check never shows the reference's values: hints name what differs (type, device, dtype,
-shape, sign, a scale factor, a missing clamp or projection, a known mistake), and numbers in
-them are shapes, factors or error percentages only.
+shape, sign, a square, a scale factor, a constant offset, transposed or flipped axes, a factor
+of an input, images of the batch mixed, where in a map the difference lies, a step too few or
+a gradient computed once, a missing clamp or projection, a known mistake), and numbers in them
+are shapes, factors or error percentages only. When the answer is one number per image, not even
+those: a factor or an offset would give the reference away. Every hint ends with the case it
+failed on ("(on a batch of 2 RGB 10x8 images, eps=0.05)"), and an exception raised in the
+student's code is shown with its line and, for the known traps, what usually causes it.
 
 Each check prints one line, ``✅ <check>: passed`` or ``❌ <check>: <hint>``, and records
 a :class:`Result`; see ``labkit.checks`` for where results go.

@@ -61,6 +61,8 @@ TARGETED_L2_PGD = Spec(
         Mistake("after each step, clamp the image to [0, 1]", _l2_targeted(_pgd_variant(clamp=False))),
         Mistake("project onto the L2 ball after every step, not once at the end",
                 _l2_targeted(_projected_at_the_end)),
+        Mistake("each step moves by step_size, not by eps (eps is the radius of the ball)",
+                lambda model, x, target, eps, step_size, steps: targeted_l2_pgd(model, x, target, eps, eps, steps)),
         Mistake("you went up the loss of the target class: a targeted attack goes down it "
                 "(x_adv - step_size * direction), towards the target",
                 _l2_targeted(_pgd_variant(ascend_targeted=True))),
