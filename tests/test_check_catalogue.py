@@ -802,6 +802,50 @@ add("check_representation_distance", "whole-batch distance", lambda m, x, xa: to
 add("check_representation_distance", "squared then halved", lambda m, x, xa: (phi(m, x) - phi(m, xa)).pow(2).sum(1) / 2)
 HELD_OUT = CATALOGUE[HELD_OUT_START:]
 
+# a second set, written after every change to the checks was made and measured once
+HELD_OUT_2_START = len(CATALOGUE)
+add("check_predict_proba", "float64 softmax", lambda m, x: m(x).detach().double().softmax(1), fragment="dtype")
+add("check_gradient", "margin over the best other class",
+    lambda m, x, t: grad_of(m, x, lambda z: pick(z, t) - z.scatter(1, t[:, None], -1e9).max(1).values))
+add("check_gradient_x_input", "summed to one number", lambda m, x, t: (g_logit(m, x, t) * x).sum(), fragment="shape")
+add("check_saliency_map", "range over channels", lambda m, x, t: g_logit(m, x, t).amax(1) - g_logit(m, x, t).amin(1))
+add("check_smoothgrad", "noise scaled by the image's std", smoothgrad_variant(noise_std=lambda x, s: s * x.flatten(1).std(1).view(-1, 1, 1, 1)))
+add("check_integrated_gradients", "gradient times (point - baseline)",
+    lambda m, x, t, b, steps=50: sum(g_logit(m, b + k / steps * (x - b), t) * (k / steps) * (x - b) for k in range(1, steps + 1)) / steps)
+add("check_fgsm", "MSE on one-hot", fgsm_variant(grad=lambda m, x, y: grad_of(m, x, lambda z: ((z - F.one_hot(y, z.shape[1])) ** 2).sum(1))))
+add("check_gradient_step", "L1-normalized", step_variant(normalize=lambda g: g / per_image(g.abs(), lambda v: v.sum(1))))
+add("check_pgd", "L2 step normalized per pixel", pgd_variant(direction=lambda g, n: g.sign() if n == "linf" else g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)))
+add("check_pgd", "renorm projection", pgd_variant(project=lambda d, e, n: d.clamp(-e, e) if n == "linf" else d.renorm(2, 0, e)), right=True)
+add("check_targeted_l2_pgd", "norm with keepdim", tl2(direction=lambda g, n: g / g.norm(dim=(1, 2, 3), keepdim=True)), right=True)
+add("check_edge_map", "padding='same'", lambda x: (lambda g: g.norm(dim=1))(F.conv2d(x.mean(1, keepdim=True), torch.stack([SX, SX.T])[:, None], padding="same")), right=True)
+add("check_edge_map", "Scharr kernel", edges(kx=torch.tensor([[-3.0, 0.0, 3.0], [-10.0, 0.0, 10.0], [-3.0, 0.0, 3.0]])))
+add("check_correlation", "b centred by its max", lambda a, b: (lambda p, q: (p * q).sum(1) / (p.norm(dim=1) * q.norm(dim=1)))(centred(a), b.flatten(1) - b.flatten(1).amax(1, keepdim=True)))
+add("check_visualize_class", "normalized per channel", ascent(direction=lambda g: g / g.norm(dim=(2, 3), keepdim=True).clamp_min(1e-12)))
+add("check_grad_cam", "upsampled to a square", lambda m, x, t, layer: F.interpolate(
+    _raw_cam(m, x, t, layer).relu(), size=(x.shape[-2], x.shape[-2]), mode="bilinear", align_corners=False))
+add("check_guided_backprop", "legacy register_backward_hook", guided(backward_hook="legacy"), right=True)
+add("check_lrp_epsilon", "z after the ReLU", lambda m, x, t, eps: _lrp_relu_z(m, x, t, eps))
+add("check_fgsm_mixed_loss", "FGSM towards another class", mixed(label=lambda m, x, y: (y + 1) % m(x).shape[1]))
+add("check_representation_distance", "unit feature vectors", lambda m, x, xa: (F.normalize(phi(m, x), dim=1) - F.normalize(phi(m, xa), dim=1)).norm(dim=1))
+
+
+def _lrp_relu_z(model, x, target, epsilon):
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    acts, a = [], x.flatten(1)
+    for i, layer in enumerate(linears):
+        acts.append(a)
+        a = layer(a)
+        if i < len(linears) - 1:
+            a = a.relu()
+    r = a * F.one_hot(target, a.shape[1]).to(a)
+    for i, (layer, a_in) in enumerate(zip(reversed(linears), reversed(acts))):
+        z = layer(a_in) if i == 0 else layer(a_in).relu()
+        r = a_in * ((r / (z + epsilon * torch.where(z >= 0, 1.0, -1.0))) @ layer.weight)
+    return r.view_as(x).detach()
+
+
+HELD_OUT_2 = CATALOGUE[HELD_OUT_2_START:]
+
 
 # ------------------------------------------------------------------ running
 
@@ -883,3 +927,5 @@ if __name__ == "__main__":
         measure(seeds)
         print("\nheld out (written after the improvements):")
         measure(seeds, HELD_OUT)
+        print("\nsecond held-out set (written after every change, measured once):")
+        measure(seeds, HELD_OUT_2)

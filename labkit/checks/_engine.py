@@ -679,6 +679,9 @@ def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
         hint = _steps_hint(spec, case, names, out, match, rows)
         if hint:
             raise Failure(hint + where)
+    hint = _batch_dependence_hint(spec, student, case, ref, match, forbidden)
+    if hint:
+        raise Failure(hint + where)
     inputs = {name: arg for name, arg in zip(names, case.args)
               if isinstance(arg, torch.Tensor) and arg.is_floating_point()}
     if spec.delta_from is not None:  # compare the changes (x_adv - x), not the images
@@ -686,6 +689,33 @@ def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
         out, ref = out - start, ref - start
         inputs = {}
     raise Failure(value_hint(out, ref, lambda a, b: match(a, b, case), inputs, spec.dims) + where)
+
+
+def _batch_dependence_hint(spec: Spec, student, case: Case, ref, match, forbidden) -> str | None:
+    """A batch that comes out wrong although every image alone comes out right: the images are
+    mixed (a mean or max over the batch, image 0's target or normalization for all). The
+    student's function runs once more per image, on that image's slice of every batched input."""
+    batch = ref.shape[0] if ref.dim() >= 1 else 0
+    if batch < 2 or spec.expected is not None:
+        return None
+
+    def one(value, i):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            return value[i:i + 1]
+        return value
+    for i in range(batch):
+        single = Case(tuple(one(a, i) for a in case.args), {k: one(v, i) for k, v in case.kwargs.items()},
+                      case.describe)
+        try:
+            out = _run_student(student, single, forbidden)
+        except Failure:
+            return None
+        if not (isinstance(out, torch.Tensor) and out.shape == ref[i:i + 1].shape
+                and match(out.detach(), ref[i:i + 1], single)):
+            return None
+    return ("each image alone comes out right, but not the batch: your result for one image "
+            "depends on the others (a mean, max or norm over the batch, dim=0; image 0's target, "
+            "scale or normalization used for all; a B x B index like logits[:, target])")
 
 
 def _same_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
