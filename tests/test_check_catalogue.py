@@ -816,7 +816,7 @@ add("check_fgsm", "MSE on one-hot", fgsm_variant(grad=lambda m, x, y: grad_of(m,
 add("check_gradient_step", "L1-normalized", step_variant(normalize=lambda g: g / per_image(g.abs(), lambda v: v.sum(1))))
 add("check_pgd", "L2 step normalized per pixel", pgd_variant(direction=lambda g, n: g.sign() if n == "linf" else g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)))
 add("check_pgd", "renorm projection", pgd_variant(project=lambda d, e, n: d.clamp(-e, e) if n == "linf" else d.renorm(2, 0, e)), right=True)
-add("check_targeted_l2_pgd", "norm with keepdim", tl2(direction=lambda g, n: g / g.norm(dim=(1, 2, 3), keepdim=True)), right=True)
+add("check_targeted_l2_pgd", "vector_norm with keepdim", tl2(direction=lambda g, n: g / torch.linalg.vector_norm(g, dim=(1, 2, 3), keepdim=True)), right=True)
 add("check_edge_map", "padding='same'", lambda x: (lambda g: g.norm(dim=1))(F.conv2d(x.mean(1, keepdim=True), torch.stack([SX, SX.T])[:, None], padding="same")), right=True)
 add("check_edge_map", "Scharr kernel", edges(kx=torch.tensor([[-3.0, 0.0, 3.0], [-10.0, 0.0, 10.0], [-3.0, 0.0, 3.0]])))
 add("check_correlation", "b centred by its max", lambda a, b: (lambda p, q: (p * q).sum(1) / (p.norm(dim=1) * q.norm(dim=1)))(centred(a), b.flatten(1) - b.flatten(1).amax(1, keepdim=True)))
@@ -824,7 +824,8 @@ add("check_visualize_class", "normalized per channel", ascent(direction=lambda g
 add("check_grad_cam", "upsampled to a square", lambda m, x, t, layer: F.interpolate(
     _raw_cam(m, x, t, layer).relu(), size=(x.shape[-2], x.shape[-2]), mode="bilinear", align_corners=False))
 add("check_guided_backprop", "legacy register_backward_hook", guided(backward_hook="legacy"), right=True)
-add("check_lrp_epsilon", "z after the ReLU", lambda m, x, t, eps: _lrp_relu_z(m, x, t, eps))
+# equivalent: a neuron the ReLU switches off has a = 0 and passes no relevance either way
+add("check_lrp_epsilon", "z after the ReLU", lambda m, x, t, eps: _lrp_relu_z(m, x, t, eps), right=True)
 add("check_fgsm_mixed_loss", "FGSM towards another class", mixed(label=lambda m, x, y: (y + 1) % m(x).shape[1]))
 add("check_representation_distance", "unit feature vectors", lambda m, x, xa: (F.normalize(phi(m, x), dim=1) - F.normalize(phi(m, xa), dim=1)).norm(dim=1))
 
@@ -876,6 +877,8 @@ def test_catalogue(v: Variant, capsys):
             assert passed, f"a right answer failed (seed {seed}): {hint}"
             continue
         assert not passed, f"a wrong answer passed (seed {seed})"
+        if v in HELD_OUT or v in HELD_OUT_2:  # measured, not tuned to: see measure()
+            continue
         assert GENERIC not in hint, f"only the generic hint (seed {seed}): {hint}"
         assert "on " in hint and "(" in hint, f"the hint does not name the case: {hint}"
         if v.fragment:
