@@ -25,6 +25,8 @@ from labkit.checks import _engine
 from test_checks import assert_no_reference_values
 
 GENERIC = "values differ from labkit's reference"
+# the engine's coarse description when no pattern explains the difference: counted apart
+COARSE = ("the pattern is right (the same signs", "points largely the opposite way", "is unrelated to the expected one")
 
 
 @dataclass(frozen=True)
@@ -893,7 +895,7 @@ def measure(seeds, catalogue=None) -> None:
     import io
     catalogue = CATALOGUE[:HELD_OUT_START] if catalogue is None else catalogue
     wrong = [v for v in catalogue if not v.right]
-    passes, generic, right_fail = [], [], []
+    passes, generic, coarse, right_fail = [], [], [], []
     for v in catalogue:
         for seed in seeds:
             with contextlib.redirect_stdout(io.StringIO()):
@@ -904,6 +906,8 @@ def measure(seeds, catalogue=None) -> None:
                 passes.append((v, seed, ""))
             elif not v.right and GENERIC in hint:
                 generic.append((v, seed, hint))
+            elif not v.right and any(c in hint for c in COARSE):
+                coarse.append((v, seed, hint))
     runs = len(wrong) * len(seeds)
     print(f"{len(wrong)} wrong variants x {len(seeds)} seeds = {runs} runs; "
           f"{len(catalogue) - len(wrong)} right variants")
@@ -911,8 +915,10 @@ def measure(seeds, catalogue=None) -> None:
           f"distinct variants: {len({(v.check, v.name) for v, _, _ in passes})}")
     print(f"wrong answers with only the generic hint: {len(generic)} ({len(generic) / runs:.1%}); "
           f"distinct variants: {len({(v.check, v.name) for v, _, _ in generic})}")
+    print(f"wrong answers with only a coarse description (same signs / opposite / unrelated): "
+          f"{len(coarse)} ({len(coarse) / runs:.1%}); distinct variants: {len({(v.check, v.name) for v, _, _ in coarse})}")
     print(f"right answers that failed: {len(right_fail)}")
-    for label, items in (("PASSED", passes), ("GENERIC", generic), ("RIGHT FAILED", right_fail)):
+    for label, items in (("PASSED", passes), ("GENERIC", generic), ("COARSE", coarse), ("RIGHT FAILED", right_fail)):
         for v, seed, hint in items:
             print(f"  {label}: {v.check} / {v.name} (seed {seed}) {hint[:160]}")
 

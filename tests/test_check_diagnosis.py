@@ -102,3 +102,10 @@ def test_a_changed_model_names_the_case():
 def test_a_max_pair_is_told_to_take_values():
     result = _run(lambda model, x: model(x).detach().max(dim=1))
     assert ".values" in result["hint"]
+
+
+def test_without_a_pattern_the_likeness_is_described():
+    weights = 1 + torch.rand_like(REF)
+    assert "the pattern is right" in hint(REF * weights)
+    assert "points largely the opposite way" in hint(-REF * weights)
+    assert "unrelated to the expected one" in hint(torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(5)))

@@ -477,7 +477,31 @@ def value_hint(out: torch.Tensor, ref: torch.Tensor, match: Callable, inputs: di
         return ("the values differ from labkit's reference " +
                 ("(close, but not within the tolerance)" if error < 0.05 else "(far off)"))
     size = "more than 999%" if error > 9.99 else f"{error:.0%}"
-    return f"the values differ from labkit's reference (relative error {size})"
+    return _likeness_hint(flat_out, flat_ref, size) or \
+        f"the values differ from labkit's reference (relative error {size})"
+
+
+def _likeness_hint(flat_out, flat_ref, size) -> str | None:
+    """How the whole map compares when no single pattern explains it: the same signs with other
+    sizes, the opposite direction, or no relation at all."""
+    norms = flat_out.norm().item() * flat_ref.norm().item()
+    if norms == 0:
+        return None
+    cosine = flat_out.dot(flat_ref).item() / norms
+    nonzero = flat_ref != 0
+    agree = (torch.sign(flat_out[nonzero]) == torch.sign(flat_ref[nonzero])).double().mean().item() \
+        if nonzero.any() else 0.0
+    if cosine >= 0.9 and agree >= 0.9:
+        return (f"the pattern is right (the same signs, a similar map) but the sizes differ from entry "
+                f"to entry (relative error {size}): a weighting, normalization or nonlinearity differs, "
+                f"per pixel, per channel or per image")
+    if cosine <= -0.5:
+        return (f"your result points largely the opposite way (relative error {size}): a sign in the "
+                f"formula, e.g. a loss where a score belongs, or a step down instead of up")
+    if abs(cosine) < 0.2:
+        return (f"your result is unrelated to the expected one (relative error {size}): it computes a "
+                f"different quantity (another score, class, layer, input or formula)")
+    return None
 
 
 def _batch_hint(out, ref, match, flat_out, flat_ref, few) -> str | None:
