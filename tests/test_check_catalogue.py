@@ -26,7 +26,7 @@ from test_checks import assert_no_reference_values
 
 GENERIC = "values differ from labkit's reference"
 # the engine's coarse description when no pattern explains the difference: counted apart
-COARSE = ("the pattern is right (the same signs", "points largely the opposite way", "is unrelated to the expected one")
+COARSE = ("the pattern is right (", "points largely the opposite way", "is unrelated to the expected one")
 
 
 @dataclass(frozen=True)

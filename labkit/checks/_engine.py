@@ -492,7 +492,8 @@ def _likeness_hint(flat_out, flat_ref, size) -> str | None:
     agree = (torch.sign(flat_out[nonzero]) == torch.sign(flat_ref[nonzero])).double().mean().item() \
         if nonzero.any() else 0.0
     if cosine >= 0.9 and agree >= 0.9:
-        return (f"the pattern is right (the same signs, a similar map) but the sizes differ from entry "
+        alike = "the same signs, a similar map" if (flat_ref < 0).any() else "a similar map"
+        return (f"the pattern is right ({alike}) but the sizes differ from entry "
                 f"to entry (relative error {size}): a weighting, normalization or nonlinearity differs, "
                 f"per pixel, per channel or per image")
     if cosine <= -0.5:
