@@ -47,7 +47,10 @@ MISTAKES = [
     (variant(project=lambda d, eps: d / lengths(d)), "not to length 1"),
     (variant(direction=lambda g: g / g.norm()), "not by the norm of the whole batch"),
     (variant(direction=lambda g: g), "normalize the step"),
-    (lambda m, x, t, eps, ss, steps: targeted_l2_pgd(m, x, t, eps, ss / 2, steps), "values differ"),
+    (lambda m, x, t, eps, ss, steps: x + (lambda d: d * (eps / lengths(d)).clamp(max=1))(
+        variant(project=None)(m, x, t, eps, ss, steps) - x), "not once at the end"),
+    (lambda m, x, t, eps, ss, steps: targeted_l2_pgd(m, x, t, eps, eps, steps), "not by eps"),
+    (lambda m, x, t, eps, ss, steps: targeted_l2_pgd(m, x, t, eps, ss / 2, steps), "the pattern is right"),
 ]
 
 

@@ -82,7 +82,7 @@ MISTAKES = [
     (variant(decay="none"), "ignored l2_decay"),
     (variant(decay="kept"), "not l2_decay * x"),
     (variant(decay="before"), "not before the step"),
-    (lambda m, x0, t, s, lr, d=0.0: x0.clone(), "values differ"),
+    (lambda m, x0, t, s, lr, d=0.0: x0.clone(), "compute the gradient anew at every step"),
 ]
 
 

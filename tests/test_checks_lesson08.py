@@ -59,10 +59,12 @@ def test_right_answers_pass_on_many_fresh_inputs():
         assert run_check(lrp_epsilon) == (True, "")
 
 
-def test_an_answer_with_torch_sign_passes_too():
-    # sign(0) = 0 differs from the stabilizer's convention only where z is exactly 0
-    assert run_check(lambda model, x, target, epsilon: lrp_epsilon(
-        model, x, target, epsilon, sign=torch.sign)) == (True, "")
+def test_an_answer_with_torch_sign_fails_where_z_is_zero():
+    # sign(0) = 0 differs from the text's sign(0) = +1 only where z is exactly 0: a case has such a neuron
+    for _ in range(2):
+        passed, hint = run_check(lambda model, x, target, epsilon: lrp_epsilon(
+            model, x, target, epsilon, sign=torch.sign))
+        assert not passed and "sign(0)" in hint and "z = 0" in hint, hint
 
 
 def test_the_right_answer_conserves_relevance_on_a_bias_free_net():

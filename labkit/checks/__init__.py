@@ -7,8 +7,9 @@ and shapes on every call) and prints one line:
     ❌ check_gradient: the result has the opposite sign: check the direction (+/-) of your formula
 
 A hint says *what* differs (type, device, dtype, shape, sign, a scale factor, a missing clamp or
-projection, probabilities instead of logits, a model left changed, ...), never the reference's
-values. Handing in labkit's own implementation is refused: write your own.
+projection, probabilities instead of logits, a model left changed, ...) and on which input (the
+model, the batch, the parameters), never the reference's values. Handing in labkit's own
+implementation is refused: write your own.
 
 Where results go (for the grader)
 ---------------------------------

@@ -2,8 +2,13 @@
 reference on the same fresh inputs and turn any difference into a hint.
 
 A check never shows the reference's values: hints name what differs (type, device, dtype,
-shape, sign, a scale factor, a missing clamp or projection, a known mistake), and numbers in
-them are shapes, factors or error percentages only.
+shape, sign, a square, a scale factor, a constant offset, transposed or flipped axes, a factor
+of an input, images of the batch mixed, where in a map the difference lies, a step too few or
+a gradient computed once, a missing clamp or projection, a known mistake), and numbers in them
+are shapes, factors or error percentages only. When the answer is one number per image, not even
+those: a factor or an offset would give the reference away. Every hint ends with the case it
+failed on ("(on a batch of 2 RGB 10x8 images, eps=0.05)"), and an exception raised in the
+student's code is shown with its line and, for the known traps, what usually causes it.
 
 Each check prints one line, ``✅ <check>: passed`` or ``❌ <check>: <hint>``, records a
 :class:`Result` and returns it (truthy on a pass); see ``labkit.checks`` for where results go.
@@ -142,8 +147,38 @@ def _student_frame(err: BaseException):
     return frames[-1] if frames else None
 
 
+# (part of the message, what it usually means in these exercises): the traps students fall into
+KNOWN_ERRORS = (
+    ("does not require grad", "the tensor you differentiate does not depend on an input that "
+     "requires grad: make the copy `x = x.detach().clone().requires_grad_(True)` before the "
+     "forward pass, outside torch.no_grad(), and differentiate with respect to that copy"),
+    ("appears to not have been used in the graph", "you differentiate with respect to a tensor "
+     "the output was not computed from: call the model on the very tensor you set requires_grad on"),
+    ("backward through the graph a second time", "each backward pass needs a fresh forward pass: "
+     "call the model again at every step (on the current image) before differentiating"),
+    ("can be implicitly created only for scalar outputs", "differentiate a single number: pick each "
+     "image's score and .sum() them (one image's gradient does not depend on the others)"),
+    ("leaf Variable that requires grad is being used in an in-place operation", "an in-place change "
+     "(`+=`, `.clamp_()`) of a tensor that requires grad: write `x = x + ...` or work on a "
+     ".detach()-ed copy"),
+    ("Can't call numpy() on Tensor that requires grad", "stay in torch (no .numpy()), or .detach() first"),
+    ("Expected all tensors to be on the same device", "create new tensors on the input's device "
+     "(torch.zeros_like(x), or device=x.device)"),
+    ("Boolean value of Tensor with more than one", "`if`/`and`/`or` on a tensor of several values: "
+     "use torch.where, masks or .all()/.any()"),
+    ("only Tensors of floating point", "requires_grad needs a float tensor: do not convert the input to integers"),
+    ("must match the size of tensor", "two tensors with different shapes meet in one operation: "
+     "check each tensor's shape (keepdim=True in reductions, .view(-1, 1, 1, 1) for per-image values)"),
+    ("shapes cannot be multiplied", "the matrix shapes do not fit: flatten the images with "
+     ".flatten(1) and check which side the weight goes on (a @ W.T for nn.Linear)"),
+    ("out of bounds", "an index is out of range: the target classes index dimension 1 (the classes), "
+     "the batch index dimension 0"),
+)
+
+
 def _summarize(err: Exception) -> str:
-    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    full = str(err).strip()
+    message = full.splitlines()[0] if full else ""
     if len(message) > 200:
         message = message[:197] + "..."
     text = f"your code raised {type(err).__name__}" + (f": {message}" if message else "")
@@ -151,6 +186,10 @@ def _summarize(err: Exception) -> str:
     if frame is not None:
         line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
         text += f" (in {frame.name}, line {frame.lineno}" + (f": `{line}`)" if line else ")")
+    if isinstance(err, (RuntimeError, IndexError, ValueError, TypeError)):
+        known = next((advice for part, advice in KNOWN_ERRORS if part in full), None)
+        if known:
+            text += f"; {known}"
     return text
 
 
@@ -313,6 +352,9 @@ def type_hint(out, ref: torch.Tensor) -> str | None:
         return "your function returned None: did you forget the `return`?"
     if isinstance(out, np.ndarray):
         return "your function returned a NumPy array: return a torch.Tensor (no .numpy() at the end)"
+    if type(out).__module__ == "torch.return_types":
+        return (f"your function returned the (values, indices) pair of torch.{type(out).__name__}: "
+                f"take its .values (or use torch.amax / torch.amin)")
     if isinstance(out, (tuple, list)):
         return f"your function returned a {type(out).__name__}: return a single torch.Tensor"
     if not isinstance(out, torch.Tensor):
@@ -347,6 +389,16 @@ def shape_hint(out: torch.Tensor, ref: torch.Tensor, dims: Sequence[str]) -> str
             return base + f": the {name} dimension is missing (did you sum, average or max over it?)"
     if out.dim() == ref.dim() + 1 and 1 in out.shape:
         return base + ": there is an extra dimension of size 1 (squeeze it)"
+    if out.dim() == ref.dim() >= 1 and out.shape[1:] == ref.shape[1:] and out.shape[0] != ref.shape[0]:
+        return base + (": the first (batch) dimension has the wrong size: one result per image; "
+                       "did you reduce over the batch (dim=0) instead of another dimension?")
+    if out.dim() == ref.dim() >= 2 and out.shape[:-2] == ref.shape[:-2]:
+        (h, w), (rh, rw) = out.shape[-2:], ref.shape[-2:]
+        if (h, w) == (rw, rh):
+            return base + ": height and width are swapped (check .T / .transpose / permute)"
+        if h < rh and rh - h == rw - w and (rh - h) % 2 == 0:
+            return base + (f": {rh - h} pixels smaller in height and width, as after a convolution "
+                           f"without padding: pad by {(rh - h) // 2} pixel(s) (padding=...)")
     if out.dim() == ref.dim():
         for d in range(ref.dim()):
             if out.shape[d] == 1 and ref.shape[d] != 1 and all(
@@ -358,43 +410,173 @@ def shape_hint(out: torch.Tensor, ref: torch.Tensor, dims: Sequence[str]) -> str
     return base
 
 
-def value_hint(out: torch.Tensor, ref: torch.Tensor, match: Callable) -> str:
-    """Why ``out`` does not ``match`` ``ref``: sign, absolute value, scale, batch, or how far."""
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().double().flatten()
+
+
+def _fits(out, ref, match, candidate) -> bool:
+    """``match(out, candidate(ref))``, for a candidate that may fail on odd shapes."""
+    try:
+        return bool(match(out, candidate(ref).to(ref.dtype)))
+    except (RuntimeError, ValueError, IndexError):
+        return False
+
+
+def _relative_error(out, ref) -> float:
+    o, r = _flat(out), _flat(ref)
+    return (o - r).norm().item() / max(r.norm().item(), 1e-12)
+
+
+def value_hint(out: torch.Tensor, ref: torch.Tensor, match: Callable, inputs: dict | None = None,
+               dims: Sequence[str] = ("batch", "channel", "height", "width")) -> str:
+    """Why ``out`` does not ``match`` ``ref``: a pattern in the difference (sign, absolute value,
+    square, scale, offset, transposed or flipped axes, a factor of one of the ``inputs``, images
+    of the batch mixed, where the difference lies), else how far.
+
+    When the answer is one number per image (or one number), no factor, offset or error size is
+    named: dividing by it would give the student the reference."""
     # float64 on the CPU for the arithmetic (MPS has no float64); ``match`` gets float32 tensors
     out, ref = out.detach().cpu(), ref.detach().cpu()
-    flat_out, flat_ref = out.double().flatten(), ref.double().flatten()
-    if match(out, -ref):
+    flat_out, flat_ref = _flat(out), _flat(ref)
+    few = ref.dim() <= 1  # one number per image: state kinds of mistakes, never numbers
+    negated, absolute = match(out, -ref), bool((ref < 0).any()) and match(out, ref.abs())
+    if negated and absolute:
+        return ("the result has the opposite sign where it should be negative: a sign flipped "
+                "(+/-), or an absolute value taken (.abs())")
+    if negated:
         return "the result has the opposite sign: check the direction (+/-) of your formula"
-    if (ref < 0).any() and match(out, ref.abs()):
+    if absolute:
         return "you took the absolute value, but the result should keep its sign (no .abs())"
     if (out < 0).any() and (ref >= 0).all() and match(out.abs(), ref):
         return "the signs are off: the result should be an absolute value (|.|), yours has negative entries"
+    if _fits(out, ref, match, torch.square):
+        return ("your values are the squares of the expected ones: a square root is missing, or "
+                "something is squared that should not be")
+    if (ref >= 0).all() and _fits(out, ref, match, lambda r: r.clamp_min(0).sqrt()):
+        return "your values are the square roots of the expected ones: a square (or a norm's square) is missing"
     energy = flat_ref.dot(flat_ref).item()
     if energy > 0:
         factor = flat_out.dot(flat_ref).item() / energy
         if abs(factor - 1) > 1e-3 and factor != 0 and match(out, (ref.double() * factor).to(ref.dtype)):
+            if few:
+                return ("your values are all off by the same factor: a sum where a mean belongs "
+                        "(or the reverse), a missing or extra normalization, weight or count")
             if abs(out.abs().max().item() - 1) < 1e-3:
                 return ("the result looks normalized (its largest value is 1): return the raw "
                         "values; normalize only for plotting")
             return f"the result is off by a constant factor: about {factor:.3g} times the expected values"
-    if out.dim() > 1 and out.shape[0] > 1:
-        good = [match(out[i:i + 1], ref[i:i + 1]) for i in range(out.shape[0])]
-        if good[0] and not all(good):
-            return ("only the first image of the batch comes out right: every image needs its own "
-                    "computation (its own target, its own normalization), not image 0's")
-        if any(good) and not all(good):
-            return "some images of the batch come out right and others not: is something mixed across the batch?"
-        factors = []
-        for i in range(out.shape[0]):
-            r, o = flat_ref.view(out.shape[0], -1)[i], flat_out.view(out.shape[0], -1)[i]
-            e = r.dot(r).item()
-            factors.append(o.dot(r).item() / e if e > 0 else 0.0)
-        if all(f > 0 for f in factors) and max(factors) / min(factors) > 1.01 and all(
-                match(out[i:i + 1], (ref[i:i + 1].double() * factors[i]).to(ref.dtype)) for i in range(len(factors))):
-            return ("each image is scaled by a different factor: did you normalize each image "
-                    "(e.g. divide by its maximum)? the expected result is not normalized")
-    error = (flat_out - flat_ref).norm().item() / max(flat_ref.norm().item(), 1e-12)
-    return f"the values differ from labkit's reference (relative error {min(error, 9.99):.0%})"
+    if ref.numel() > 1:
+        offset = (flat_out - flat_ref).mean().item()
+        if abs(offset) > 0 and match(out, (ref.double() + offset).to(ref.dtype)):
+            return ("your values are all shifted by the same constant: something is added or left "
+                    "out (a bias, a mean, a `1 -`, a baseline)")
+    if out.dim() >= 2 and not few:
+        if out.shape[-1] == out.shape[-2] and out.shape[-1] > 1 and match(out, ref.transpose(-1, -2)):
+            return "the result is transposed: height and width are swapped (check .T / .transpose / permute)"
+        for d in range(1, out.dim()):
+            if out.shape[d] > 1 and match(out, ref.flip(d)):
+                name = dims[d] if d < len(dims) else f"dimension {d}"
+                return f"the result is flipped along the {name} dimension (a kernel or an index reversed?)"
+    for name, value in (inputs or {}).items():
+        if value.shape == out.shape and not torch.equal(value, torch.ones_like(value)) and \
+                _fits(out, ref, match, lambda r: r * value.detach().cpu()):
+            return (f"your result is the expected one multiplied by `{name}`: leave out that "
+                    f"factor (or it is multiplied in twice)")
+    if out.dim() >= 1 and out.shape[0] > 1:
+        hint = _batch_hint(out, ref, match, flat_out, flat_ref, few)
+        if hint:
+            return hint
+    if not few:
+        hint = _where_hint(out, ref, match, dims)
+        if hint:
+            return hint
+    error = _relative_error(out, ref)
+    if few:
+        return ("the values differ from labkit's reference " +
+                ("(close, but not within the tolerance)" if error < 0.05 else "(far off)"))
+    size = "more than 999%" if error > 9.99 else f"{error:.0%}"
+    return _likeness_hint(flat_out, flat_ref, size) or \
+        f"the values differ from labkit's reference (relative error {size})"
+
+
+def _likeness_hint(flat_out, flat_ref, size) -> str | None:
+    """How the whole map compares when no single pattern explains it: the same signs with other
+    sizes, the opposite direction, or no relation at all."""
+    norms = flat_out.norm().item() * flat_ref.norm().item()
+    if norms == 0:
+        return None
+    cosine = flat_out.dot(flat_ref).item() / norms
+    nonzero = flat_ref != 0
+    agree = (torch.sign(flat_out[nonzero]) == torch.sign(flat_ref[nonzero])).double().mean().item() \
+        if nonzero.any() else 0.0
+    if cosine >= 0.9 and agree >= 0.9:
+        alike = "the same signs, a similar map" if (flat_ref < 0).any() else "a similar map"
+        return (f"the pattern is right ({alike}) but the sizes differ from entry "
+                f"to entry (relative error {size}): a weighting, normalization or nonlinearity differs, "
+                f"per pixel, per channel or per image")
+    if cosine <= -0.5:
+        return (f"your result points largely the opposite way (relative error {size}): a sign in the "
+                f"formula, e.g. a loss where a score belongs, or a step down instead of up")
+    if abs(cosine) < 0.2:
+        return (f"your result is unrelated to the expected one (relative error {size}): it computes a "
+                f"different quantity (another score, class, layer, input or formula)")
+    return None
+
+
+def _batch_hint(out, ref, match, flat_out, flat_ref, few) -> str | None:
+    """Images of the batch mixed: only image 0 right, some right, all the same, a factor each."""
+    b = out.shape[0]
+    good = [match(out[i:i + 1], ref[i:i + 1]) for i in range(b)]
+    if good[0] and not all(good):
+        return ("only the first image of the batch comes out right: every image needs its own "
+                "computation (its own target, its own normalization), not image 0's")
+    if any(good) and not all(good):
+        return "some images of the batch come out right and others not: is something mixed across the batch?"
+    same = all(torch.allclose(out[i], out[0], rtol=1e-4, atol=1e-7) for i in range(1, b))
+    if same and not all(torch.allclose(ref[i], ref[0], rtol=1e-3, atol=1e-6) for i in range(1, b)):
+        return ("every image of the batch got the same result: something is reduced over the batch "
+                "(a mean, max or sum over dim 0) or shared between images instead of computed per image")
+    if few:
+        return None
+    factors = []
+    for i in range(b):
+        r, o = flat_ref.view(b, -1)[i], flat_out.view(b, -1)[i]
+        e = r.dot(r).item()
+        factors.append(o.dot(r).item() / e if e > 0 else 0.0)
+    if all(f > 0 for f in factors) and max(factors) / min(factors) > 1.01 and all(
+            match(out[i:i + 1], (ref[i:i + 1].double() * factors[i]).to(ref.dtype)) for i in range(b)):
+        return ("each image is scaled by a different factor: did you normalize each image "
+                "(e.g. divide by its maximum)? the expected result is not normalized")
+    return None
+
+
+def _where_hint(out, ref, match, dims) -> str | None:
+    """Where the difference lies in a map: some channels, the border, a few entries, the zeros."""
+    scale = ref.abs().max().item() or 1.0
+    wrong = (out.double() - ref.double()).abs() > 1e-3 * scale + 1e-6
+    if out.dim() == 4 and out.shape[1] > 1:
+        right = [not wrong[:, c].any().item() for c in range(out.shape[1])]
+        if any(right) and not all(right):
+            which = ", ".join(str(c) for c, ok in enumerate(right) if ok)
+            return (f"channel(s) {which} come out right and the others not: is something taken from "
+                    f"one channel only, or computed per channel where it should use all channels?")
+    if out.dim() >= 2 and min(out.shape[-2:]) > 2:
+        inner = wrong[..., 1:-1, 1:-1]
+        if wrong.any() and not inner.any():
+            return "the values differ only at the border of the image: check the padding (zeros, one pixel wide)"
+    share = wrong.double().mean().item()
+    zero_out, zero_ref = out.abs() <= 1e-7 * scale, ref.abs() <= 1e-7 * scale
+    if wrong.any() and (zero_out | zero_ref)[wrong].all():
+        if zero_out[wrong].all():
+            return (f"your result is 0 at {share:.0%} of the entries where the expected one is not: "
+                    f"something is masked, clamped or rectified away that should stay")
+        if zero_ref[wrong].all():
+            return (f"your result is not 0 at {share:.0%} of the entries where the expected one is: "
+                    f"a mask, clamp or ReLU is missing")
+    if 0 < share < 0.25:
+        return (f"most values are right, but {share:.0%} of them differ: a clamp, a mask, a threshold "
+                f"or a special case (a value exactly 0, the edge of a range) is handled differently")
+    return None
 
 
 # ---------------------------------------------------------------- the engine
@@ -418,6 +600,9 @@ class Spec:
       change of the image rather than the image); ``shape_hints``: ``(out, ref, case) -> hint or
       None``, tried before the generic shape hint when the shapes differ (a known cause, such
       as a map left at a layer's resolution).
+    - ``steps``: the name of the argument that sets how many iterations the method runs (PGD,
+      gradient ascent), so that a wrong answer is checked for a step too few or too many and
+      for a gradient computed once instead of at every step.
     """
     name: str
     reference: Callable
@@ -431,6 +616,7 @@ class Spec:
     forbidden: Sequence[Callable] = ()
     delta_from: Callable[[Case], torch.Tensor] | None = None
     shape_hints: Sequence[Callable] = ()
+    steps: str | None = None
 
 
 _ACCEPT_REFERENCE = False
@@ -516,17 +702,23 @@ def _check(spec: Spec, student, seed: int) -> None:
 
 def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
     match = spec.match or (lambda a, b, c: close(a, b))
+    where = f" (on {case.describe})" if case.describe else ""
     ref = spec.reference(*case.args, **case.kwargs)
     if case.reset is not None:
         case.reset()
-    model_before = _model_snapshot(case.model) if case.model is not None else None
-    inputs_before = _input_snapshot(case)
-    out = _run_student(student, case, forbidden)
-    changed = (_model_changes(model_before, case.model) if model_before else None) \
-        or _input_changes(inputs_before, case, names)
+    with _counting_rows(case.model if spec.steps else None) as rows:
+        model_before = _model_snapshot(case.model) if case.model is not None else None
+        inputs_before = _input_snapshot(case)
+        try:
+            out = _run_student(student, case, forbidden)
+        except Failure as failure:
+            if str(failure) in (NOT_IMPLEMENTED, REFUSED) or str(failure).startswith("not implemented"):
+                raise
+            raise Failure(f"{failure}{where}") from None
+        changed = (_model_changes(model_before, case.model) if model_before else None) \
+            or _input_changes(inputs_before, case, names)
     if changed:
-        raise Failure(changed)
-    where = f" (on {case.describe})" if case.describe else ""
+        raise Failure(changed + where)
     hint = type_hint(out, ref)
     if hint is None and out.shape != ref.shape:
         known = (shape_hint_of(out, ref, case) for shape_hint_of in spec.shape_hints)
@@ -534,7 +726,13 @@ def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
     if hint:
         raise Failure(hint + where)
     if not torch.isfinite(out).all():
-        raise Failure("the result contains NaN or infinite values" + where)
+        # a known mistake that also gives NaN names the cause (0 / 0 where a sign(0) went wrong)
+        for mistake in spec.mistakes:
+            wrong = mistake.wrong(*case.args, **case.kwargs)
+            if isinstance(wrong, torch.Tensor) and wrong.shape == out.shape and _same_nan(out, wrong):
+                raise Failure(mistake.hint + where)
+        raise Failure("the result contains NaN or infinite values: usually a division by 0 (0 / 0 "
+                      "gives NaN; add a small number or treat 0 separately) or the log of 0" + where)
     for requirement in spec.requirements:
         hint = requirement(out, case)
         if hint:
@@ -552,8 +750,97 @@ def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
         hint = constraint(out, case)
         if hint:
             raise Failure(hint + where)
+    if spec.steps:
+        hint = _steps_hint(spec, case, names, out, match, rows)
+        if hint:
+            raise Failure(hint + where)
+    hint = _batch_dependence_hint(spec, student, case, ref, match, forbidden)
+    if hint:
+        raise Failure(hint + where)
+    inputs = {name: arg for name, arg in zip(names, case.args)
+              if isinstance(arg, torch.Tensor) and arg.is_floating_point()}
     if spec.delta_from is not None:  # compare the changes (x_adv - x), not the images
         start = spec.delta_from(case)
         out, ref = out - start, ref - start
-    raise Failure(value_hint(out, ref, lambda a, b: match(a, b, case)) + where)
+        inputs = {}
+    raise Failure(value_hint(out, ref, lambda a, b: match(a, b, case), inputs, spec.dims) + where)
 
+
+def _batch_dependence_hint(spec: Spec, student, case: Case, ref, match, forbidden) -> str | None:
+    """A batch that comes out wrong although every image alone comes out right: the images are
+    mixed (a mean or max over the batch, image 0's target or normalization for all). The
+    student's function runs once more per image, on that image's slice of every batched input."""
+    batch = ref.shape[0] if ref.dim() >= 1 else 0
+    if batch < 2 or spec.expected is not None:
+        return None
+
+    def one(value, i):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+            return value[i:i + 1]
+        return value
+    for i in range(batch):
+        single = Case(tuple(one(a, i) for a in case.args), {k: one(v, i) for k, v in case.kwargs.items()},
+                      case.describe)
+        try:
+            out = _run_student(student, single, forbidden)
+        except Failure:
+            return None
+        if not (isinstance(out, torch.Tensor) and out.shape == ref[i:i + 1].shape
+                and match(out.detach(), ref[i:i + 1], single)):
+            return None
+    return ("each image alone comes out right, but not the batch: your result for one image "
+            "depends on the others (a mean, max or norm over the batch, dim=0; image 0's target, "
+            "scale or normalization used for all; a B x B index like logits[:, target])")
+
+
+def _same_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """NaN in the same places and the rest equal: a mistake that breaks the same way."""
+    bad = ~torch.isfinite(a)
+    return bool(torch.equal(bad, ~torch.isfinite(b)) and close(a[~bad], b[~bad]))
+
+
+@contextlib.contextmanager
+def _counting_rows(model: nn.Module | None):
+    """Count the images (rows of the batch) ``model`` is called on while the block runs."""
+    rows = [0]
+    if model is None:
+        yield rows
+        return
+    handle = model.register_forward_pre_hook(lambda module, args: rows.__setitem__(
+        0, rows[0] + (len(args[0]) if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 0)))
+    try:
+        yield rows
+    finally:
+        handle.remove()
+
+
+def _steps_hint(spec: Spec, case: Case, names, out, match, rows) -> str | None:
+    """An iterative method: the gradient computed once instead of at every step, or a step too
+    few or too many (the reference run with ``steps`` -/+ 1)."""
+    index = names.index(spec.steps) if spec.steps in names else None
+    if spec.steps in case.kwargs:
+        steps = case.kwargs[spec.steps]
+    elif index is not None and index < len(case.args):
+        steps = case.args[index]
+    else:
+        return None
+    for other, words in ((steps - 1, "one step too few"), (steps + 1, "one step too many")):
+        if other < 1:
+            continue
+        if spec.steps in case.kwargs:
+            args, kwargs = case.args, {**case.kwargs, spec.steps: other}
+        else:
+            args, kwargs = case.args[:index] + (other,) + case.args[index + 1:], case.kwargs
+        if match(out, spec.reference(*args, **kwargs), case):
+            return (f"your loop runs {words}: {spec.steps}={steps} means exactly {steps} updates "
+                    f"(for _ in range({spec.steps}))")
+    x = next((a for a in case.args if isinstance(a, torch.Tensor)), None)
+    if x is not None and steps > 1 and rows[0] < steps * len(x):
+        batches = rows[0] // max(len(x), 1)
+        if batches <= 1:
+            return (f"your function evaluated the model only {'once' if batches else 'never'} for "
+                    f"{spec.steps}={steps}: compute the gradient anew at every step, at the current "
+                    f"image, not once at the start")
+        return (f"your function evaluated the model on {batches} batches for {spec.steps}={steps}: "
+                f"every step needs the gradient at the current image")
+    return None

@@ -39,6 +39,11 @@ PREDICT_PROBA = Spec(
                 _with_grad(torch.sigmoid)),
         Mistake("dividing the logits by their sum does not give probabilities (logits can be "
                 "negative): softmax exponentiates first", _with_grad(lambda z: z / z.sum(1, keepdim=True))),
+        Mistake("that is a one-hot vector of the predicted class (argmax): return the probability "
+                "of every class, softmax over the classes",
+                _with_grad(lambda z: torch.nn.functional.one_hot(z.argmax(1), z.shape[1]).to(z.dtype))),
+        Mistake("the exponentials are divided by their sum over the whole batch: divide each image's "
+                "by its own sum over the classes (dim=1)", _with_grad(lambda z: z.exp() / z.exp().sum())),
     ),
 )
 

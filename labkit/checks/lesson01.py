@@ -59,7 +59,11 @@ GRADIENT = Spec(
     name="check_gradient",
     reference=attribution.gradient,
     cases=classifier_cases,
-    mistakes=gradient_mistakes(),
+    mistakes=(
+        *gradient_mistakes(),
+        Mistake("you differentiated the sum of all logits: pick each image's target logit first",
+                input_gradient_of(lambda z, t: z.sum(1))),
+    ),
 )
 
 GRADIENT_X_INPUT = Spec(
@@ -73,6 +77,10 @@ GRADIENT_X_INPUT = Spec(
                 lambda model, x, target: logit_gradient(model, x, target).abs() * x),
         Mistake("you multiplied by (1 - x) or the inverted image: multiply by x itself",
                 lambda model, x, target: logit_gradient(model, x, target) * (1 - x)),
+        Mistake("you added the gradient and the input: gradient x input multiplies them, pixel by pixel",
+                lambda model, x, target: logit_gradient(model, x, target) + x),
+        Mistake("multiply by each pixel's own value x, not by the mean of x",
+                lambda model, x, target: logit_gradient(model, x, target) * x.mean()),
         *gradient_mistakes(then=lambda grad, x: grad * x),
     ),
 )
@@ -105,6 +113,10 @@ SALIENCY_MAP = Spec(
                 _reduce_channels(lambda g: g.abs().sum(dim=1))),
         Mistake("you took the L2 norm over the channels: the saliency map takes the maximum of |g|",
                 _reduce_channels(lambda g: g.norm(dim=1))),
+        Mistake("you used only the first channel: take the maximum of |gradient| over all channels",
+                _reduce_channels(lambda g: g[:, 0].abs())),
+        Mistake("you took the minimum over the channels: the saliency map takes the maximum of |g|",
+                _reduce_channels(lambda g: g.abs().amin(dim=1))),
         Mistake("that is gradient x input: the saliency map uses the gradient alone",
                 lambda model, x, target: (logit_gradient(model, x, target) * x).abs().amax(dim=1)),
         *gradient_mistakes(then=lambda grad, x: grad.abs().amax(dim=1)),

@@ -35,15 +35,17 @@ class Recording(nn.Module):
 
 def _smoothgrad_cases(generator: torch.Generator) -> list[Case]:
     cases = []
-    for batch, channels in ((1, 1), (3, 3), (2, 1)):
+    for batch, channels in ((1, 1), (2, 3), (3, 1)):
         height, width = draw(generator, 6, 10), draw(generator, 6, 10)
         classes = draw(generator, 4, 10)
         model = Recording(tiny_cnn(channels, classes))
         # each image its own value range, all far from a range of 1 and the batch's range too,
-        # so that a noise level taken from the wrong range (none, the batch's) shows
-        x = torch.cat([images(generator, 1, channels, height, width,
-                              low=(low := 0.2 + 0.2 * float(torch.rand(1, generator=generator))),
-                              high=low + 0.15 + 0.2 * float(torch.rand(1, generator=generator)))
+        # so that a noise level taken from the wrong range (none, the batch's) shows; the
+        # channels of an RGB image have ranges of their own (a per-channel range shows)
+        x = torch.cat([torch.cat([images(generator, 1, 1, height, width,
+                                         low=(low := 0.2 + 0.2 * float(torch.rand(1, generator=generator))),
+                                         high=low + 0.1 + 0.3 * float(torch.rand(1, generator=generator)))
+                                  for _ in range(channels)], dim=1)
                        for _ in range(batch)])
         target = torch.randint(classes, (batch,), generator=generator)
         n_samples = draw(generator, 8, 16)
@@ -97,6 +99,12 @@ def _noise_requirements(out, case: Case) -> str | None:
     if ((stds / (sigma * (x.max() - x.min())) - 1).abs() <= 0.15).all():
         return ("use each image's own value range (its max - min over channels and pixels) for "
                 "the noise level, not the whole batch's")
+    if x.shape[1] > 1:  # the noise level of each channel: its own range instead of the image's?
+        per_channel = torch.stack([noise[owner == b].transpose(0, 1).flatten(1).std(dim=1) for b in range(len(x))])
+        channel_spread = sigma * (x.amax(dim=(2, 3)) - x.amin(dim=(2, 3)))
+        if ((per_channel / channel_spread - 1).abs() <= 0.2).all():
+            return ("use the image's range over all its channels (max - min over channels and pixels), "
+                    "not each channel's own range")
     typical = ratio.median().item()
     strength = f"{typical:.2g} times too strong" if typical > 1 else f"{1 / typical:.2g} times too weak"
     return (f"the noise is about {strength}: its standard deviation should be "
@@ -130,13 +138,15 @@ SMOOTHGRAD = Spec(
                 _average_over_evaluations(logit_gradient, then=torch.abs)),
         Mistake("you differentiated the softmax probability: SmoothGrad averages gradients of "
                 "the target's logit", _average_over_evaluations(probability_gradient)),
+        Mistake("that is the gradient at x itself: evaluate the gradient at each noisy copy x + noise "
+                "and average those", lambda model, x, target, **_: logit_gradient(model.model, x, target)),
     ),
 )
 
 
 def _ig_cases(generator: torch.Generator) -> list[Case]:
     cases = []
-    for batch, channels, baseline in ((1, 1, "zeros"), (3, 3, "random"), (2, 1, "grey")):
+    for batch, channels, baseline in ((1, 1, "zeros"), (2, 3, "random"), (3, 1, "grey")):
         height, width = draw(generator, 6, 10), draw(generator, 6, 10)
         classes = draw(generator, 4, 10)
         model = tiny_cnn(channels, classes, smooth=True)
@@ -156,6 +166,16 @@ def path_average(model, x, target, baseline, steps=64, gradient_of=logit_gradien
     for alpha in alphas:
         total += gradient_of(model, baseline + alpha * (x - baseline), target)
     return total / steps
+
+
+def _path(points):
+    """Integrated gradients along a wrong path: ``points(baseline, x, alpha)``, midpoints."""
+    def wrong(model, x, target, baseline, steps):
+        total = torch.zeros_like(x)
+        for k in range(steps):
+            total += logit_gradient(model, points(baseline, x, (k + 0.5) / steps), target)
+        return (x - baseline) * total / steps
+    return wrong
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -185,6 +205,14 @@ INTEGRATED_GRADIENTS = Spec(
                 lambda m, x, t, b, steps: path_average(m, x, t, torch.zeros_like(x), steps) * x),
         Mistake("you integrated the gradient of the softmax probability: explain the target's logit",
                 lambda m, x, t, b, steps: path_average(m, x, t, b, steps, probability_gradient) * (x - b)),
+        Mistake("the path points are baseline + alpha * (x - baseline): yours, alpha * x, ignore the baseline",
+                _path(lambda b, x, a: a * x)),
+        Mistake("the path points are baseline + alpha * (x - baseline): yours, baseline + alpha * x, "
+                "miss the `- baseline`", _path(lambda b, x, a: b + a * x)),
+        Mistake("space the alphas evenly from 0 to 1 (k / steps): your points crowd at one end of the path",
+                _path(lambda b, x, a: b + a * a * (x - b))),
+        Mistake("the alphas run from 0 to 1: your path stops halfway between baseline and x",
+                _path(lambda b, x, a: b + a / 2 * (x - b))),
     ),
 )
 

@@ -19,6 +19,7 @@ cross_entropy_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, y, re
 mean_cross_entropy_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, y) * torch.ones_like(y) / len(y))
 probability_loss_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z.softmax(1), y, reduction="none"))
 true_logit_gradient = input_gradient_of(lambda z, y: z.gather(1, y[:, None]).squeeze(1))
+predicted_label_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, z.argmax(1), reduction="none"))
 
 
 def attack_match(out: torch.Tensor, ref: torch.Tensor, case: Case) -> bool:
@@ -125,6 +126,8 @@ FGSM = Spec(
         Mistake("you used the negative true logit (nll_loss on raw logits?) instead of the "
                 "cross-entropy loss: use F.cross_entropy(model(x), y)",
                 lambda model, x, y, eps: _step(-1, torch.sign)(model, x, y, eps, true_logit_gradient)),
+        Mistake("you attacked the model's own prediction (argmax): use the true labels y that are passed in",
+                lambda model, x, y, eps: _step(+1, torch.sign)(model, x, y, eps, predicted_label_gradient)),
     ),
 )
 
@@ -151,6 +154,10 @@ GRADIENT_STEP = Spec(
                 "sizes, g / max|g|", _step(+1, torch.sign)),
         Mistake("you stepped down the loss: go up the gradient of the loss (x + eps * g / max|g|)",
                 _step(-1, lambda g: g / _per_image_max(g))),
+        Mistake("divide by the largest |g| of the whole image (all channels together), not of each "
+                "channel on its own", _step(+1, lambda g: g / g.abs().amax(dim=(2, 3), keepdim=True).clamp_min(1e-12))),
+        Mistake("divide by the largest |g| of the image, not by the mean |g|",
+                _step(+1, lambda g: g / g.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1))),
     ),
 )
 
@@ -211,6 +218,15 @@ def _batch_l2(g, norm):
     return g.sign() if norm == "linf" else g / g.norm()
 
 
+def _projected_at_the_end(model, x, y, eps, step_size, steps, norm="linf", targeted=False):
+    x_adv = _pgd_variant(project=None)(model, x, y, eps, step_size, steps, norm, targeted)
+    return (x + attacks.project(x_adv - x, eps, norm)).clamp(0, 1)
+
+
+def _step_of_eps(model, x, y, eps, step_size, steps, norm="linf", targeted=False):
+    return attacks.pgd(model, x, y, eps, eps, steps, norm=norm, targeted=targeted)
+
+
 PGD = Spec(
     name="check_pgd",
     reference=attacks.pgd,
@@ -218,9 +234,12 @@ PGD = Spec(
     match=attack_match,
     constraints=(in_unit_range, in_eps_ball),
     delta_from=lambda case: case.args[1],
+    steps="steps",
     mistakes=(
         Mistake("after each step, project back onto the eps-ball around the original image x "
                 "(clamp the perturbation for L-inf, rescale it for L2)", _pgd_variant(project=None)),
+        Mistake("project onto the eps-ball after every step, not once at the end", _projected_at_the_end),
+        Mistake("each step moves by step_size, not by eps (eps is the radius of the ball)", _step_of_eps),
         Mistake("after each step, clamp the image to [0, 1]", _pgd_variant(clamp=False)),
         Mistake("for a targeted attack go down the loss of the target class (x - step), you went up",
                 _pgd_variant(ascend_targeted=True)),

@@ -7,7 +7,7 @@ from .. import attacks
 from . import _engine
 from ._cases import draw, other_classes
 from ._engine import Case, Mistake, Spec
-from .lesson03 import (_always_rescale, _batch_l2, _pgd_variant, attack_inputs, attack_match,
+from .lesson03 import (_always_rescale, _batch_l2, _pgd_variant, _projected_at_the_end, attack_inputs, attack_match,
                        cross_entropy_gradient, in_eps_ball, in_unit_range, mean_cross_entropy_gradient)
 
 __all__ = ["check_targeted_l2_pgd"]
@@ -53,11 +53,16 @@ TARGETED_L2_PGD = Spec(
     match=attack_match,
     constraints=(in_unit_range, _in_l2_ball),
     delta_from=lambda case: case.args[1],
+    steps="steps",
     mistakes=(
         Mistake("after each step, project back onto the L2 ball around the original image x: "
                 "rescale delta = x_adv - x to length eps when it is longer",
                 _l2_targeted(_pgd_variant(project=None))),
         Mistake("after each step, clamp the image to [0, 1]", _l2_targeted(_pgd_variant(clamp=False))),
+        Mistake("project onto the L2 ball after every step, not once at the end",
+                _l2_targeted(_projected_at_the_end)),
+        Mistake("each step moves by step_size, not by eps (eps is the radius of the ball)",
+                lambda model, x, target, eps, step_size, steps: targeted_l2_pgd(model, x, target, eps, eps, steps)),
         Mistake("you went up the loss of the target class: a targeted attack goes down it "
                 "(x_adv - step_size * direction), towards the target",
                 _l2_targeted(_pgd_variant(ascend_targeted=True))),

@@ -43,6 +43,18 @@ def _from_components(combine, **options):
     return lambda x: combine(sobel_components(x, **options))
 
 
+def _luminance(x):
+    if x.shape[1] != 3:
+        return x.mean(dim=1, keepdim=True)
+    return (x * torch.tensor([0.299, 0.587, 0.114]).to(x).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+
+
+def _prewitt(x):
+    kx = torch.tensor([[-1.0, 0.0, 1.0]] * 3)
+    kernels = torch.stack([kx, kx.T])[:, None].to(x)
+    return F.conv2d(x.mean(dim=1, keepdim=True), kernels, padding=1).norm(dim=1)
+
+
 def _edges_per_channel(x):
     return torch.stack([edge_map(x[:, c:c + 1]) for c in range(x.shape[1])]).mean(dim=0)
 
@@ -69,6 +81,12 @@ EDGE_MAP = Spec(
                 _from_components(lambda g: g.norm(dim=1), grey=lambda x: x[:, :1])),
         Mistake("make one grey image first (the channel mean), then its edges: you averaged the "
                 "edge maps of the separate channels", _edges_per_channel),
+        Mistake("the grey image is the plain mean of the channels (x.mean(dim=1)), not a weighted "
+                "luminance", _from_components(lambda g: g.norm(dim=1), grey=_luminance)),
+        Mistake("the grey image is the mean of the channels, not their maximum",
+                _from_components(lambda g: g.norm(dim=1), grey=lambda x: x.amax(dim=1, keepdim=True))),
+        Mistake("that is the Prewitt kernel, rows weighted 1, 1, 1: Sobel weights the centre row "
+                "twice, rows weighted 1, 2, 1", _prewitt),
         Mistake("pad with zeros (F.conv2d(..., padding=1)), not by repeating the border pixels",
                 _from_components(lambda g: g.norm(dim=1), padding="replicate")),
     ),

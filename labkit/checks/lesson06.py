@@ -50,6 +50,10 @@ def _ascent(gradient_of=logit_gradient, direction=lambda g: g / _per_image_l2(g)
                 x = (1 - l2_decay) * x
             elif decay == "kept":
                 x = l2_decay * x
+            elif decay == "minus":
+                x = x - l2_decay
+            elif decay == "lr":
+                x = (1 - lr * l2_decay) * x
         return x
     return wrong
 
@@ -84,6 +88,7 @@ VISUALIZE_CLASS = Spec(
     forbidden=(featvis.maximize,),
     constraints=(in_unit_range,),
     delta_from=lambda case: case.args[1],
+    steps="steps",
     mistakes=(
         Mistake("you went down the gradient: gradient *ascent* adds the step (x + step), so the "
                 "logit grows", _ascent(sign=-1)),
@@ -105,6 +110,12 @@ VISUALIZE_CLASS = Spec(
           for length in (lambda x: 1.0, lambda x: math.sqrt(x[0].numel()))),
         Mistake("the step is lr * sqrt(D) * g / ||g||_2 with D the number of values in one image "
                 "(C * H * W): you left out sqrt(D)", _ascent(length=lambda x: 1.0)),
+        Mistake("D in sqrt(D) counts every value of one image, channels included (C * H * W), "
+                "not only its pixels (H * W)", _ascent(length=lambda x: math.sqrt(x[0, 0].numel()))),
+        Mistake("the decay multiplies, x = (1 - l2_decay) * x: subtracting l2_decay shifts every pixel",
+                _ascent(decay="minus")),
+        Mistake("the decay is x = (1 - l2_decay) * x, not scaled by the learning rate",
+                _ascent(decay="lr")),
         Mistake("clamp the image to [0, 1] after each step", _ascent(clamp=False)),
         Mistake("you ignored l2_decay: after each step (and the clamp) shrink the image, "
                 "x = (1 - l2_decay) * x", _ascent(decay="none")),

@@ -28,10 +28,11 @@ def grad_cam(model, x, target, layer):
     return attribution.gradcam(model, x, target, layer=layer)
 
 
-def _layer_and_gradient(model, x, target, layer, score=_picked):
-    """The output ``A`` of ``layer`` and ``d score / dA``, for building wrong Grad-CAMs."""
+def _layer_and_gradient(model, x, target, layer, score=_picked, capture="output"):
+    """The output ``A`` of ``layer`` (or its input) and ``d score / dA``, for wrong Grad-CAMs."""
     captured = []
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, out: captured.append(out))
+    handle = model.get_submodule(layer).register_forward_hook(
+        lambda m, i, out: captured.append(out if capture == "output" else i[0]))
     try:
         with torch.enable_grad():
             logits = model(x.detach().requires_grad_(True))
@@ -51,11 +52,11 @@ def _bilinear(cam, size, **options):
 
 
 def _cam_variant(score=_picked, combine=_weighted_maps(lambda g: g.mean(dim=(2, 3), keepdim=True)),
-                 rectify=torch.relu, resize=_bilinear):
+                 rectify=torch.relu, resize=_bilinear, capture="output"):
     """Grad-CAM with one piece changed: the score, how activations and gradients are combined,
-    the rectification and the resizing."""
+    the rectification, the resizing, the layer's output or input."""
     def wrong(model, x, target, layer):
-        a, g = _layer_and_gradient(model, x, target, layer, score)
+        a, g = _layer_and_gradient(model, x, target, layer, score, capture)
         return resize(rectify(combine(a, g)), x.shape[-2:])
     return wrong
 
@@ -67,8 +68,9 @@ OTHER_LAYER = {"0": "2", "2": "0", "3": "0"}
 
 def _grad_cam_cases(generator: torch.Generator):
     cases = classifier_cases(generator)
-    # the stride-2 layer twice, so a map left at its resolution always shows
-    layers = ["2", LAYERS[draw(generator, 0, 2)], "3" if draw(generator, 0, 1) else "2"]
+    # a layer at half resolution first and last, so a map left at its resolution always shows,
+    # and two different layers, so a fixed layer never passes
+    layers = ["2", LAYERS[draw(generator, 0, 2)], "3"]
     for case, layer in zip(cases, layers):
         case.args += (layer,)
         case.describe += f", layer={layer!r}"
@@ -127,6 +129,15 @@ GRAD_CAM = Spec(
         *(Mistake("upsample bilinearly: F.interpolate(cam, size=x.shape[-2:], mode='bilinear', "
                   "align_corners=False)", _cam_variant(resize=functools.partial(_bilinear, **options)))
           for options in ({"mode": "nearest"}, {"mode": "bilinear", "align_corners": True})),
+        Mistake("you hooked the layer's input: Grad-CAM uses the layer's output A (the third "
+                "argument of a forward hook) and the gradient with respect to it",
+                _cam_variant(capture="input")),
+        Mistake("average the gradient over the positions of each channel (dim=(2, 3)), not over "
+                "the channels", _cam_variant(combine=_weighted_maps(lambda g: g.mean(dim=1, keepdim=True)))),
+        Mistake("that is the plain mean of the feature maps: weight each map A_k by its alpha_k, "
+                "the spatial mean of the gradient", _cam_variant(combine=lambda a, g: a.mean(dim=1, keepdim=True))),
+        Mistake("apply the ReLU before upsampling, to the map at the layer's resolution",
+                _cam_variant(rectify=lambda cam: cam, resize=lambda cam, size: _bilinear(cam, size).relu())),
         Mistake("this is the Grad-CAM of another layer: hook the module named `layer` "
                 "(model.get_submodule(layer)) and differentiate with respect to its output",
                 lambda model, x, target, layer: attribution.gradcam(model, x, target, OTHER_LAYER[layer])),
@@ -136,15 +147,16 @@ GRAD_CAM = Spec(
 
 # ------------------------------------------------------------------ guided backpropagation
 
-def _relu_backward_variant(replace, score=_picked):
-    """The input gradient of ``score`` with every ReLU passing back ``replace(grad_in, grad_out)``."""
+def _relu_backward_variant(replace, score=_picked, types=(nn.ReLU, nn.ReLU6)):
+    """The input gradient of ``score`` with every ReLU (or module of ``types``) passing back
+    ``replace(grad_in, grad_out)``."""
     gradient_of = input_gradient_of(score)
 
     def wrong(model, x, target):
         def hook(module, grad_in, grad_out):
             return (replace(grad_in[0], grad_out[0]),)
 
-        handles = [m.register_full_backward_hook(hook) for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+        handles = [m.register_full_backward_hook(hook) for m in model.modules() if isinstance(m, types)]
         try:
             return gradient_of(model, x, target)
         finally:
@@ -160,12 +172,31 @@ def _guided(score):
     return _relu_backward_variant(lambda grad_in, grad_out: grad_in.clamp_min(0), score)
 
 
+def _guided_cases(generator: torch.Generator):
+    """The usual cases, and one model with ReLU6 activations (EfficientNet-Lite0 has only those),
+    its first layer strong enough that some activations pass 6."""
+    cases = classifier_cases(generator)
+    relu6 = classifier_cases(generator)[1]
+    model = relu6.model
+    for index, module in enumerate(model):
+        if isinstance(module, nn.ReLU):
+            model[index] = nn.ReLU6()
+    with torch.no_grad():
+        model[0].weight.mul_(4.0)
+    relu6.describe += ", a model with nn.ReLU6 activations"
+    return cases + [relu6]
+
+
 GUIDED_BACKPROP = Spec(
     name="check_guided_backprop",
     reference=attribution.guided_backprop,
-    cases=classifier_cases,
+    cases=_guided_cases,
     forbidden=(attribution.guided_gradcam,),
     mistakes=(
+        # first: on the ReLU6 model, hooking nn.ReLU alone gives the plain gradient
+        Mistake("guide every ReLU-like module: nn.ReLU6 too (EfficientNet-Lite0 has only ReLU6), "
+                "e.g. isinstance(module, (nn.ReLU, nn.ReLU6))",
+                _relu_backward_variant(lambda gi, go: gi.clamp_min(0), types=(nn.ReLU,))),
         Mistake("that is the plain gradient: at every ReLU, let only positive gradients flow back "
                 "(a backward hook on each nn.ReLU that clamps its grad_input at 0)", logit_gradient),
         Mistake("you passed back relu(grad_output) without the ReLU's own mask (that is the "
@@ -182,6 +213,8 @@ GUIDED_BACKPROP = Spec(
                 _guided(lambda z, t: _picked(z.softmax(1), t))),
         Mistake("you explained the predicted class (the largest logit), not the `target` passed in",
                 _guided(lambda z, t: z.max(1).values)),
+        Mistake("you hooked the convolutions: the guiding happens at the ReLU modules (nn.ReLU, nn.ReLU6)",
+                _relu_backward_variant(lambda gi, go: gi.clamp_min(0), types=(nn.Conv2d,))),
     ),
 )
 

@@ -41,17 +41,26 @@ def fgsm_mixed_loss(model, x, y, eps, alpha):
     return train.FGSMMixedAdversary(eps=eps, alpha=alpha).loss(model, x, y).detach()
 
 
-def _mixed(clean_weight, adversarial_weight, step=+1, direction=torch.sign, clamp=True, score=None):
+def _mixed(clean_weight, adversarial_weight, step=+1, direction=torch.sign, clamp=True, score=None,
+           labels=lambda model, x, y: y):
     """A mixed loss with one piece changed: the weights ``(alpha) -> float``, the FGSM step's
-    sign and direction, the clamp, the loss ``score(logits, y)``."""
+    sign, size and direction, the clamp, the loss ``score(logits, y)``, the labels FGSM attacks."""
     score = score or F.cross_entropy
 
     def loss(model, x, y, eps, alpha):
-        x_adv = x + step * eps * direction(cross_entropy_gradient(model, x, y))
+        with torch.no_grad():
+            attacked = labels(model, x, y)
+        x_adv = x + step * eps * direction(cross_entropy_gradient(model, x, attacked))
         x_adv = x_adv.clamp(0, 1) if clamp else x_adv
         with torch.no_grad():
             return clean_weight(alpha) * score(model(x), y) + adversarial_weight(alpha) * score(model(x_adv), y)
     return loss
+
+
+def _mixed_images(model, x, y, eps, alpha):
+    x_adv = (x + eps * cross_entropy_gradient(model, x, y).sign()).clamp(0, 1)
+    with torch.no_grad():
+        return F.cross_entropy(model(alpha * x + (1 - alpha) * x_adv), y)
 
 
 def _alpha_weights():
@@ -84,6 +93,14 @@ MIXED_LOSS = Spec(
                 _mixed(*_alpha_weights(), score=lambda z, y: F.cross_entropy(z, y, reduction="sum"))),
         Mistake("F.cross_entropy takes the logits: do not apply softmax first",
                 _mixed(*_alpha_weights(), score=lambda z, y: F.cross_entropy(z.softmax(1), y))),
+        Mistake("weight the two losses by alpha and 1 - alpha, not half and half",
+                _mixed(lambda a: 0.5, lambda a: 0.5)),
+        Mistake("you mixed the images (one loss at alpha * x + (1 - alpha) * x_adv): mix the two "
+                "losses, alpha * J(x) + (1 - alpha) * J(x_adv)", _mixed_images),
+        Mistake("the FGSM images attack the true labels y, not the model's predictions",
+                _mixed(*_alpha_weights(), labels=lambda model, x, y: model(x).argmax(1))),
+        Mistake("the FGSM images move by eps (x + eps * sign(grad)), not by a fraction of it",
+                _mixed(*_alpha_weights(), step=0.5)),
     ),
 )
 
@@ -159,6 +176,13 @@ DISTANCE = Spec(
                 lambda model, x, x_adv: (_logits(model, x) - _logits(model, x_adv)).norm(dim=1)),
         Mistake("that is the distance between the images: compare their representations phi(x)",
                 lambda model, x, x_adv: (x - x_adv).flatten(1).norm(dim=1)),
+        Mistake("that is the largest |difference| (the L-inf distance): take the Euclidean (L2) norm",
+                lambda model, x, x_adv: _phi_difference(model, x, x_adv).abs().amax(1)),
+        Mistake("that is the difference of the two lengths ||phi(x)|| - ||phi(x_adv)||: take the "
+                "length of the difference, ||phi(x) - phi(x_adv)||",
+                lambda model, x, x_adv: models.features(model, x).norm(dim=1) - models.features(model, x_adv).norm(dim=1)),
+        Mistake("that is a cosine distance (it ignores lengths): take the Euclidean distance ||phi(x) - phi(x_adv)||",
+                lambda model, x, x_adv: 1 - F.cosine_similarity(models.features(model, x), models.features(model, x_adv), dim=1)),
     ),
 )
 
