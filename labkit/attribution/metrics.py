@@ -54,8 +54,43 @@ def _check_generator(generator, x: torch.Tensor) -> None:
                          f"create it with torch.Generator(device={x.device.type!r})")
 
 
+def _neighbours(u: torch.Tensor) -> torch.Tensor:
+    """``sum_n w_n u_n`` over each pixel's in-image neighbours, for ``N x 1 x H x W``."""
+    return F.conv2d(u, _NEIGHBOURS.to(u)[None, None], padding=1)
+
+
+def _system(hole: torch.Tensor):
+    """The imputation's linear operator on the removed pixels, ``u -> hole (W u - N(hole u))``
+    (``W``: the summed weights of the in-image neighbours), and ``W``."""
+    weight = _neighbours(torch.ones_like(hole[:1]))
+    return (lambda u: hole * (weight * u - _neighbours(hole * u))), weight
+
+
+def _multigrid(r: torch.Tensor, hole: torch.Tensor, sweeps: int = 2, omega: float = 0.8) -> torch.Tensor:
+    """One symmetric multigrid V-cycle, an approximate inverse of :func:`_system` (Briggs et al.
+    2000, "A Multigrid Tutorial"): damped Jacobi sweeps, the residual summed onto a half-size
+    grid whose removed pixels are the 2 x 2 blocks removed entirely, solved there the same way,
+    copied back, more sweeps. It makes conjugate gradients converge in about 10 iterations
+    whatever the size of the holes (several hundred without it on 224 x 224 images)."""
+    system, weight = _system(hole)
+    z = omega * r / weight
+    for _ in range(sweeps - 1):
+        z = z + omega * (r - system(z)) / weight
+    height, width = hole.shape[-2:]
+    if min(height, width) > 4:
+        pad = (0, width % 2, 0, height % 2)
+        coarse = (F.avg_pool2d(F.pad(hole, pad), 2) == 1).to(hole.dtype)
+        if coarse.any():
+            residual = 4 * F.avg_pool2d(F.pad(r - system(z), pad), 2) * coarse
+            z = z + hole * F.interpolate(_multigrid(residual, coarse, sweeps, omega), scale_factor=2.0,
+                                         mode="nearest")[..., :height, :width]
+    for _ in range(sweeps):
+        z = z + omega * (r - system(z)) / weight
+    return z
+
+
 def impute(x: torch.Tensor, keep: torch.Tensor, noise: float = 0.01, generator=None,
-           tol: float = 1e-6, max_iter: int = 2000) -> torch.Tensor:
+           tol: float = 1e-6, max_iter: int = 500) -> torch.Tensor:
     """ROAD's noisy linear imputation (Rong et al. 2022): every removed pixel (``keep`` False)
     becomes the weighted mean of its 8 neighbours, ``v_p = sum_n w_n v_n / sum_n w_n`` (edges
     1/6, corners 1/12, neighbours outside the image left out), removed neighbours included, so
@@ -64,33 +99,29 @@ def impute(x: torch.Tensor, keep: torch.Tensor, noise: float = 0.01, generator=N
     region carries no shape the model could recognise.
 
     ``x``: ``B x C x H x W``; ``keep``: ``B x 1 x H x W`` or ``B x H x W`` booleans. The
-    linear system is solved per image and channel by Jacobi-preconditioned conjugate gradients
-    (float64, to relative residual ``tol``), batched, on ``x``'s device.
+    linear system is solved for every image and channel at once, on ``x``'s device, by conjugate
+    gradients in float64 to relative residual ``tol``, preconditioned by :func:`_multigrid`.
     """
     keep = (keep if keep.dim() == 4 else keep[:, None]).to(x.device)
-    hole = (~keep).to(torch.float64)
+    hole = (~keep).repeat_interleave(x.shape[1], dim=0).to(torch.float64)
     v = x.detach().to(torch.float64).flatten(0, 1)[:, None]      # (B*C) x 1 x H x W
-    hole = hole.repeat_interleave(x.shape[1], dim=0)
-    kernel = _NEIGHBOURS.to(v)[None, None]
-    neighbours = lambda u: F.conv2d(u, kernel, padding=1)          # sum of in-image neighbours
-    weight = neighbours(torch.ones_like(v[:1]))                    # sum_n w_n of each pixel
-
-    def system(u):                                                 # (W - N) restricted to holes
-        return hole * (weight * u - neighbours(hole * u))
-
-    rhs = hole * neighbours((1 - hole) * v)
-    u, r = torch.zeros_like(v), rhs.clone()
-    z = r / weight
-    p, rz = z.clone(), (r * z).sum((1, 2, 3), keepdim=True)
-    stop = tol * rhs.square().sum((1, 2, 3), keepdim=True).sqrt()
+    system, _ = _system(hole)
+    hole_low = hole.to(x.dtype)  # the preconditioner needs no float64
+    precondition = lambda r: _multigrid(r.to(x.dtype), hole_low).to(torch.float64)
+    dot = lambda a, b: (a * b).sum((1, 2, 3), keepdim=True)
+    rhs = hole * _neighbours((1 - hole) * v)
+    u, r = torch.zeros_like(v), rhs
+    z = precondition(r)
+    p, rz = z, dot(r, z)
+    stop = tol**2 * dot(rhs, rhs)
     for _ in range(max_iter):
-        if (r.square().sum((1, 2, 3), keepdim=True).sqrt() <= stop).all():
+        if (dot(r, r) <= stop).all():
             break
         ap = system(p)
-        alpha = rz / (p * ap).sum((1, 2, 3), keepdim=True).clamp_min(1e-300)
+        alpha = rz / dot(p, ap).clamp_min(1e-300)
         u, r = u + alpha * p, r - alpha * ap
-        z = r / weight
-        rz, rz_old = (r * z).sum((1, 2, 3), keepdim=True), rz
+        z = precondition(r)
+        rz, rz_old = dot(r, z), rz
         p = z + rz / rz_old.clamp_min(1e-300) * p
     filled = torch.where(hole.bool(), u, v).view_as(x).to(x.dtype)
     if noise:
