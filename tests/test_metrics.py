@@ -326,4 +326,4 @@ def test_model_is_unchanged(name, fails):
 def test_summary_is_one_line(fashion, batch):
     x, y = batch
     line = metrics.summary(fashion, x[:1], y[:1], gradient(fashion, x[:1], y[:1]))
-    assert "\n" not in line and all(word in line for word in ("MoRF", "LeRF", "infidelity", "sparseness"))
+    assert "\n" not in line and all(word in line for word in ("MoRF", "LeRF", "infidelity", "Gini", "entropy"))

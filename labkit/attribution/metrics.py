@@ -325,17 +325,15 @@ def random_logit(method: Callable, model: nn.Module, x: torch.Tensor, target, ot
 
 
 def summary(model: nn.Module, x: torch.Tensor, target, attr, score: str = "logit") -> str:
-    """One line of metrics of one image's map (the explorer prints it under the heatmap): ROAD
-    MoRF and LeRF (mean score change over 20/50/80 % removed), infidelity (Gaussian noise,
-    normalized), sparseness and complexity, all on the target ``score``."""
+    """A short line of metrics of a map (the explorer prints it under the heatmap): ROAD MoRF
+    and LeRF (mean change of the target ``score`` with 20/50/80 % removed), infidelity (Gaussian
+    noise, normalized), the Gini index and the entropy, each averaged over the images."""
     generator = torch.Generator(device=x.device).manual_seed(0)
-    if attr.dim() == 4 and attr.shape[1] not in (1, x.shape[1]):
-        raise ValueError(f"attr must be shaped like x {tuple(x.shape)}, got {tuple(attr.shape)}")
+    if not isinstance(attr, torch.Tensor) or attr.dim() not in (3, 4):
+        raise ValueError(f"attr must be B x C x H x W or B x H x W, got {getattr(attr, 'shape', type(attr))}")
     heat = attr if attr.dim() == 3 else to_heatmap(attr, "sum")
-    fractions = (0.2, 0.5, 0.8)
-    morf, lerf = (road(model, x, target, heat, order, fractions, score, generator=generator,
+    morf, lerf = (road(model, x, target, heat, order, (0.2, 0.5, 0.8), score, generator=generator,
                        progress=False).mean().item() for order in ("morf", "lerf"))
-    infd = infidelity(model, x, target, heat[:, None], n_perturb=16, score=score,
-                      generator=generator).mean().item()
-    return (f"ROAD {score} change MoRF {morf:+.3g} / LeRF {lerf:+.3g} · infidelity {infd:.3g} · "
-            f"sparseness {sparseness(heat).mean().item():.2f} · complexity {complexity(heat).mean().item():.2f}")
+    infd = infidelity(model, x, target, heat[:, None], n_perturb=16, score=score, generator=generator)
+    return (f"ROAD MoRF {morf:+.3g}, LeRF {lerf:+.3g} · infidelity {infd.mean().item():.3g} · "
+            f"Gini {sparseness(heat).mean().item():.2f} · entropy {complexity(heat).mean().item():.2f}")
