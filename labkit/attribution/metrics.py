@@ -23,7 +23,7 @@ from .._core import check_images, check_target, preserved
 from ._common import (check_number, check_positive_int, check_reference, check_score, chunks, class_score,
                       per_forward, pixel_scores, prepare)
 from .evaluation import spearman, to_heatmap
-from .gradients import completeness_gap
+from .gradients import completeness_gap  # noqa: F401  (re-exported: a metric too, defined with IG)
 
 __all__ = ["road", "impute", "infidelity", "max_sensitivity", "sparseness", "complexity",
            "completeness_gap", "random_logit", "summary"]
@@ -176,10 +176,6 @@ def road(model: nn.Module, x: torch.Tensor, target, attr, order: str = "morf",
     return scores.view(batch, steps)
 
 
-def _score_fn(model, target, score):
-    return lambda images, rows: class_score(model, images, target[rows], score)
-
-
 def infidelity(model: nn.Module, x: torch.Tensor, target, attr, n_perturb: int = 32,
                baseline=None, sigma: float = 0.1, fraction: float = 0.25, score: str = "logit",
                normalize: bool = True, perturb: Callable | None = None,
@@ -191,8 +187,8 @@ def infidelity(model: nn.Module, x: torch.Tensor, target, attr, n_perturb: int =
 
     ``I``, ``n_perturb`` per image: with ``baseline=None`` Gaussian noise ``N(0, sigma^2)``;
     with a baseline ``x0`` (number or tensor in [0, 1]) each pixel, all channels, is set to
-    ``x0`` with probability ``fraction``, ``I = m (x - x0)`` (the paper's removal
-    perturbations). ``perturb``: your own, ``perturb(xs) -> (I, xs - I)`` on the images
+    ``x0`` with probability ``fraction``, ``I = m (x - x0)`` (removal, as the paper's square
+    removal, by pixel). ``perturb``: your own, ``perturb(xs) -> (I, xs - I)`` on the images
     repeated ``n_perturb`` times each (row ``b * n_perturb + k``), captum's ``perturb_func``
     convention. ``normalize`` first scales the map by the best ``beta``,
     ``E[(I.a)(df)] / E[(I.a)^2]`` (captum's ``normalize=True``), so maps are compared by their
