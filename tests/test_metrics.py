@@ -327,3 +327,35 @@ def test_summary_is_one_line(fashion, batch):
     x, y = batch
     line = metrics.summary(fashion, x[:1], y[:1], gradient(fashion, x[:1], y[:1]))
     assert "\n" not in line and all(word in line for word in ("MoRF", "LeRF", "infidelity", "Gini", "entropy"))
+
+
+@pytest.mark.gpu
+def test_every_metric_on_the_accelerator_matches_the_cpu(accelerator, fashion, batch):
+    """The same inputs and draws on both sides (ROAD without noise, perturbations made on the CPU
+    and moved); TF32 off, so only the order of sums differs."""
+    import copy
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        x, y = batch
+        heat = to_heatmap(gradient(fashion, x, y), "sum")
+        noise = 0.05 * torch.randn(len(x) * 4, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        step = 0.02 * torch.rand(len(x) * 4, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+
+        def run(model, x, y, heat):
+            d = x.device
+            return [road(model, x, y, heat, "morf", (0.3, 0.7), noise=0.0, progress=False),
+                    road(model, x, y, heat, "lerf", (0.3, 0.7), "probability", noise=0.0, progress=False),
+                    infidelity(model, x, y, heat[:, None], n_perturb=4,
+                               perturb=lambda xs: (noise.to(d), xs - noise.to(d))),
+                    max_sensitivity(gradient, model, x, y, n_perturb=4, perturb=lambda xs: xs + step.to(d)),
+                    random_logit(gradient, model, x, y, other=(y + 1) % 10),
+                    sparseness(heat), complexity(heat)]
+        on_cpu = run(fashion, x, y, heat)
+        device_model = copy.deepcopy(fashion).to(accelerator)
+        on_device = run(device_model, x.to(accelerator), y.to(accelerator), heat.to(accelerator))
+        for cpu, device in zip(on_cpu, on_device, strict=True):
+            assert device.device.type == accelerator.type
+            close(device.cpu(), cpu, rtol=1e-3)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
