@@ -6,7 +6,8 @@
 Runs bench_attribution (captum, pytorch-grad-cam), bench_lrp (zennit), bench_attacks
 (torchattacks) and bench_metrics (pytorch-grad-cam's ROAD, captum.metrics, Quantus), each on
 the same inputs for labkit and the peer, whose results are checked in the same run; prints one
-Markdown table (work, labkit time, peer time, ratio, floor ratio, device) and writes it as CSV. Timing: tests/benchmarks/timing.py. On a CPU use ``--threads 1``.
+Markdown table (work, labkit time, peer time, ratio, floor ratio, device) and writes it as CSV.
+Timing: tests/benchmarks/timing.py. On a CPU use ``--threads 1``.
 """
 from __future__ import annotations
 
