@@ -15,6 +15,7 @@ figure of its default view: its display bundle carries a PNG beside the widget v
 from __future__ import annotations
 
 import io
+import textwrap
 import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -74,12 +75,14 @@ class Settings:
 @dataclass(frozen=True)
 class ModelView:
     """What one model shows: the image it sees (attacked when eps > 0, ``1 x C x H x W``), its
-    class probabilities, the class explained and the ``H x W`` heatmap of that explanation."""
+    class probabilities, the class explained, the ``H x W`` heatmap of that explanation and a
+    line of its metrics (:func:`labkit.attribution.metrics.summary`)."""
     name: str
     image: torch.Tensor
     probabilities: torch.Tensor
     target: int
     heatmap: torch.Tensor
+    metrics: str = ""
 
     @property
     def prediction(self) -> int:
@@ -149,7 +152,8 @@ def compute_view(models: Mapping[str, nn.Module], images: torch.Tensor, settings
         _report(progress, 2 * len(views) + 1, total)
         attr = attribute(model, x, target, settings)
         heatmap = attribution.to_heatmap(attr, METHODS[settings.method])[0]
-        views.append(ModelView(name, x.cpu(), probabilities.cpu(), target, heatmap.cpu()))
+        line = attribution.metrics.summary(model, x, target, heatmap[None])
+        views.append(ModelView(name, x.cpu(), probabilities.cpu(), target, heatmap.cpu(), line))
         _report(progress, 2 * len(views), total)
     return views
 
@@ -183,6 +187,7 @@ def figure(views: Sequence[ModelView], classes: Sequence[str], method: str) -> F
         cmap, (norm,) = plot._map_norm(maps, None, same_scale=False)
         drawn = right.imshow(maps[0], cmap=cmap, norm=norm)
         right.set_title(f"{method} for {classes[view.target]}", fontsize=9)
+        right.set_xlabel(textwrap.fill(view.metrics, 34), fontsize=6.5)
         fig.colorbar(drawn, ax=right, shrink=0.8)
     return fig
 

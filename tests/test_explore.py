@@ -224,3 +224,11 @@ def test_model_is_left_as_it_was(fmnist_cnn, batch):
     assert not fmnist_cnn.training
     assert all(not getattr(m, d) for m in fmnist_cnn.modules()
                for d in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"))
+
+
+def test_each_view_carries_a_line_of_metrics_of_its_map(fmnist_cnn, batch):
+    """The line under the heatmap is labkit.attribution.metrics.summary of the view's map."""
+    x, _ = batch
+    view = compute_view({"standard": fmnist_cnn}, x, Settings(image=1))[0]
+    assert view.metrics == attribution.metrics.summary(fmnist_cnn, view.image, view.target, view.heatmap[None])
+    assert "ROAD MoRF" in view.metrics and "\n" not in view.metrics

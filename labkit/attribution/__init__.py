@@ -15,7 +15,8 @@ about 2.3 GB for EfficientNet-Lite0).
 Modules by family: ``gradients`` (gradient, gradient x input, SmoothGrad, integrated
 gradients), ``perturbation`` (occlusion), ``cam`` (guided backprop, Grad-CAM, guided Grad-CAM),
 ``lrp`` (layer-wise relevance propagation), ``evaluation`` (heatmaps, sanity check,
-deletion / insertion curves).
+deletion / insertion curves), ``metrics`` (ROAD, infidelity, max-sensitivity, sparseness,
+complexity, random logit: ``from labkit.attribution import metrics``).
 """
 from .cam import guided_backprop, guided_gradcam, gradcam
 from .evaluation import (Curve, SanityCheck, deletion_curve, insertion_curve, sanity_check, spearman,
@@ -24,6 +25,7 @@ from .gradients import (completeness_gap, gradient, gradient_x_input, integrated
                         smoothgrad)
 from .lrp import AlphaBeta, Composite, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, fold_batchnorm, lrp
 from .perturbation import occlusion
+from . import metrics  # noqa: E402  (after evaluation and gradients, which it uses)
 
 __all__ = ["gradient", "gradient_x_input", "smoothgrad", "integrated_gradients", "completeness_gap",
            "path_points", "occlusion", "guided_backprop", "gradcam", "guided_gradcam",

@@ -89,3 +89,35 @@ def check_reference(reference, x: torch.Tensor, name: str) -> torch.Tensor:
     if expanded.device != x.device:
         raise ValueError(f"{name} is on {expanded.device} but the images are on {x.device}")
     return expanded.detach().to(x.dtype)
+
+
+SCORES = ("probability", "logit")
+
+
+def check_score(score) -> str:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    return score
+
+
+def class_score(model: nn.Module, images: torch.Tensor, target: torch.Tensor, score: str) -> torch.Tensor:
+    """The target class's softmax ``"probability"`` or ``"logit"``, ``B``."""
+    logits = checked_logits(model, images, target)
+    if score == "probability":
+        logits = logits.softmax(dim=1)
+    return logits.gather(1, target[:, None]).squeeze(1)
+
+
+def pixel_scores(attr, x: torch.Tensor, reduce: str) -> torch.Tensor:
+    """One finite value per pixel of ``x``, ``B x H x W``: a ``B x H x W`` heatmap as it is,
+    ``B x C x H x W`` attributions reduced over channels by :func:`to_heatmap`'s ``reduce``."""
+    from .evaluation import to_heatmap  # evaluation imports this module
+    if isinstance(attr, torch.Tensor) and attr.dim() == 3 and attr.is_floating_point():
+        heat = attr.detach()
+    else:
+        heat = to_heatmap(attr, reduce)
+    if heat.shape != (x.shape[0], *x.shape[-2:]):
+        raise ValueError(f"attr must give one value per pixel of x {tuple(x.shape)}: "
+                         f"B x C x H x W or B x H x W, got shape {tuple(attr.shape)}")
+    check_images(heat[:, None], name="attr", unit_range=False)
+    return heat.to(x.device)

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from .._core import check_images, preserved
 from ..models import randomize
-from ._common import check_positive_int, check_reference, checked_logits, chunks, per_forward, prepare
+from ._common import (check_positive_int, check_reference, check_score, chunks, class_score, per_forward,
+                      pixel_scores, prepare)
 
 REDUCTIONS = ("max_abs", "sum", "l2")
 
@@ -150,9 +151,8 @@ def _curve(model, x, target, attr, steps, baseline, score, reduce, batch_size, p
            deleting: bool) -> Curve:
     target = prepare(model, x, target)
     check_positive_int(steps, "steps")
-    if score not in ("probability", "logit"):
-        raise ValueError(f"score must be 'probability' or 'logit', got {score!r}")
-    heat = _pixel_scores(attr, x, reduce)
+    check_score(score)
+    heat = pixel_scores(attr, x, reduce)
     baseline = check_reference(baseline, x, "baseline")
     batch, pixels = heat.shape[0], heat[0].numel()
     # rank[b, p] = place of pixel p when image b's pixels are sorted by decreasing attribution
@@ -169,25 +169,6 @@ def _curve(model, x, target, attr, steps, baseline, score, reduce, batch_size, p
             image, step = index // (steps + 1), index % (steps + 1)
             changed = (rank[image] < counts[step, None]).view(-1, 1, *x.shape[-2:])
             images = torch.where(changed, end[image], start[image])
-            scores[part] = _score(model, images, target[image], score)
+            scores[part] = class_score(model, images, target[image], score)
     scores = scores.view(batch, steps + 1)
     return Curve(fractions, scores, torch.trapezoid(scores, fractions, dim=1))
-
-
-def _pixel_scores(attr, x: torch.Tensor, reduce: str) -> torch.Tensor:
-    if isinstance(attr, torch.Tensor) and attr.dim() == 3 and attr.is_floating_point():
-        heat = attr.detach()
-    else:
-        heat = to_heatmap(attr, reduce)
-    if heat.shape != (x.shape[0], *x.shape[-2:]):
-        raise ValueError(f"attr must give one value per pixel of x {tuple(x.shape)}: "
-                         f"B x C x H x W or B x H x W, got shape {tuple(attr.shape)}")
-    check_images(heat[:, None], name="attr", unit_range=False)
-    return heat.to(x.device)
-
-
-def _score(model: nn.Module, images: torch.Tensor, target: torch.Tensor, score: str) -> torch.Tensor:
-    logits = checked_logits(model, images, target)
-    if score == "probability":
-        logits = logits.softmax(dim=1)
-    return logits.gather(1, target[:, None]).squeeze(1)

@@ -1,12 +1,13 @@
 """Every speed benchmark in one table: labkit against its peers and against the floor.
 
     python tests/benchmarks/run.py [--device cpu|cuda] [--quick] [--threads 1] [--csv PATH]
-                                   [--only attribution,lrp,attacks] [--repeats 3]
+                                   [--only attribution,lrp,attacks,metrics] [--repeats 3]
 
-Runs bench_attribution (captum, pytorch-grad-cam), bench_lrp (zennit) and bench_attacks
-(torchattacks), each on the same inputs for labkit and the peer, whose results are checked in
-the same run; prints one Markdown table (work, labkit time, peer time, ratio, floor ratio,
-device) and writes it as CSV. Timing: tests/benchmarks/timing.py. On a CPU use ``--threads 1``.
+Runs bench_attribution (captum, pytorch-grad-cam), bench_lrp (zennit), bench_attacks
+(torchattacks) and bench_metrics (pytorch-grad-cam's ROAD, captum.metrics, Quantus), each on
+the same inputs for labkit and the peer, whose results are checked in the same run; prints one
+Markdown table (work, labkit time, peer time, ratio, floor ratio, device) and writes it as CSV.
+Timing: tests/benchmarks/timing.py. On a CPU use ``--threads 1``.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attacks  # noqa: E402
 import bench_attribution  # noqa: E402
 import bench_lrp  # noqa: E402
+import bench_metrics  # noqa: E402
 from timing import COLUMNS, add_arguments, markdown, setup  # noqa: E402
 
-BENCHMARKS = {"attribution": bench_attribution.rows, "lrp": bench_lrp.rows, "attacks": bench_attacks.rows}
+BENCHMARKS = {"attribution": bench_attribution.rows, "lrp": bench_lrp.rows, "attacks": bench_attacks.rows,
+              "metrics": bench_metrics.rows}
 
 
 def main(argv=None) -> None:
