@@ -133,13 +133,13 @@ GINI = Spec(
 )
 
 
-def check_infidelity(infidelity) -> None:
+def check_infidelity(infidelity) -> _engine.Result:
     """``infidelity(model, x, target, attr, perturbations)``: per image, the mean over its
     perturbations ``I_k`` (``B x K x C x H x W``) of ``(I_k . attr - (f_t(x) - f_t(x - I_k)))^2``,
     ``f_t`` the target logit; ``B`` values."""
-    _engine.run(INFIDELITY, infidelity)
+    return _engine.run(INFIDELITY, infidelity)
 
 
-def check_gini(gini) -> None:
+def check_gini(gini) -> _engine.Result:
     """``gini(attr)``: the Gini index of ``|attr|`` per image, ``B`` values."""
-    _engine.run(GINI, gini)
+    return _engine.run(GINI, gini)
