@@ -452,26 +452,63 @@ def _check(spec: Spec, student, seed: int) -> None:
     forbidden = set() if _ACCEPT_REFERENCE else _code_objects([spec.reference, *spec.forbidden])
     if _code_objects([student]) & forbidden:
         raise Failure(REFUSED)
-    names = list(inspect.signature(spec.reference).parameters)
-    from .. import get_device
-    device = get_device()
-    with _isolated_random_state(seed, device), _one_thread():
-        generator = torch.Generator().manual_seed(seed)
-        cases = spec.cases(generator)
-        for case in cases:
-            case.args = tuple(a.to(device) if isinstance(a, (torch.Tensor, nn.Module)) else a
-                              for a in case.args)
+    names = argument_names(spec)
+    with case_context(seed):
+        for case in cases_for(spec, seed):
             _check_case(spec, student, case, names, forbidden)
 
 
-def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
-    match = spec.match or (lambda a, b, c: close(a, b))
+def argument_names(spec: Spec) -> list[str]:
+    """The names of the exercise's arguments (for hints about a changed input)."""
+    return list(inspect.signature(spec.reference).parameters)
+
+
+@contextlib.contextmanager
+def case_context(seed: int):
+    """The random state and thread count a check's cases are made and judged under."""
+    from .. import get_device
+    with _isolated_random_state(seed, get_device()), _one_thread():
+        yield
+
+
+def cases_for(spec: Spec, seed: int) -> list[Case]:
+    """The check's fresh inputs for ``seed``, on labkit's device; made inside
+    ``case_context(seed)`` they are the same for the same seed."""
+    from .. import get_device
+    device = get_device()
+    cases = spec.cases(torch.Generator().manual_seed(seed))
+    for case in cases:
+        case.args = tuple(a.to(device) if isinstance(a, (torch.Tensor, nn.Module)) else a
+                          for a in case.args)
+    return cases
+
+
+def prepare_case(spec: Spec, case: Case):
+    """The reference's answer and the state of the model and inputs before the student's code
+    runs: ``(ref, before)`` for :func:`judge_case`."""
     ref = spec.reference(*case.args, **case.kwargs)
     if case.reset is not None:
         case.reset()
     model_before = _model_snapshot(case.model) if case.model is not None else None
-    inputs_before = _input_snapshot(case)
+    return ref, (model_before, _input_snapshot(case))
+
+
+def call_student(student, case: Case, forbidden: set = frozenset()):
+    """The student's output on ``case``; a :class:`Failure` with the hint when their code raises."""
+    return _run_student(student, case, forbidden)
+
+
+def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
+    ref, before = prepare_case(spec, case)
     out = _run_student(student, case, forbidden)
+    judge_case(spec, case, ref, before, out, names)
+
+
+def judge_case(spec: Spec, case: Case, ref, before, out, names) -> None:
+    """Raise a :class:`Failure` with the hint unless ``out``, the student's output on ``case``
+    (whose model and inputs are now as the student's code left them), is right."""
+    match = spec.match or (lambda a, b, c: close(a, b))
+    model_before, inputs_before = before
     changed = (_model_changes(model_before, case.model) if model_before else None) \
         or _input_changes(inputs_before, case, names)
     if changed:
