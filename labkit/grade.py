@@ -358,8 +358,6 @@ def prepare(calls, specs: dict, io_dir: Path) -> list[Prepared]:
 
 def judge(prepared: list[Prepared], results: list, arrays) -> list[dict]:
     """The verdicts, computed here with the grader's labkit from what the sandbox sent."""
-    from . import _exchange
-    from .checks import _engine
     verdicts, sent = [], iter(results if isinstance(results, list) else [])
     for item in prepared:
         if item.problem:
@@ -368,13 +366,15 @@ def judge(prepared: list[Prepared], results: list, arrays) -> list[dict]:
         entry = next(sent, None)
         hint = None
         try:
-            if not isinstance(entry, dict) or entry.get("check") != item.call.check:
+            if not results:
+                hint = "the grader's cell did not finish in the notebook's kernel (see the row's status)"
+            elif not isinstance(entry, dict) or entry.get("check") != item.call.check:
                 raise ValueError("no answer for this check")
-            if entry.get("unavailable"):
+            elif entry.get("unavailable"):
                 hint = str(entry["unavailable"])[:500]
             else:
                 hint = _judge_cases(item, entry.get("cases"), arrays)
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, OSError) as err:
+        except Exception as err:  # whatever came back, malformed: a fail for this check only
             hint = f"the sandbox's answer could not be read ({type(err).__name__}: {str(err)[:200]})"
         verdicts.append({"check": item.call.check, "passed": hint is None, "hint": hint or ""})
     return verdicts
@@ -388,8 +388,8 @@ def _judge_cases(item: Prepared, observations, arrays) -> str | None:
     names = _engine.argument_names(item.spec)
     with _engine.case_context(item.seed):
         for case, observation in zip(item.cases, observations):
-            if "raised" in observation:  # the student's code raised: the hint was made inside
-                return "your code " + str(observation["raised"])[:500].removeprefix("your code ")
+            if "raised" in observation:  # the student's code raised: a fail, with the hint made inside
+                return str(observation["raised"])[:500] or "your code raised an error"
             ref, before = _engine.prepare_case(item.spec, case)
             out = _exchange.returned_value(observation["out"], arrays, ref.device)
             _exchange.apply_observation(case, observation, arrays)

@@ -22,7 +22,6 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from labkit import grade
-from labkit.checks._engine import REFUSED
 from labkit.notebooks import student_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,8 +241,7 @@ def test_printing_redefining_or_patching_checks_does_not_forge_a_pass(graded):
     assert results(row, graded.checks) == ["fail"] * len(graded.checks)
     assert row["score"] == "0.000"
     summary = (graded.folder / "summary" / "forger.md").read_text(encoding="utf-8")
-    handed_in = [call for call in graded.lesson.calls if call.arguments.isidentifier()]
-    assert handed_in and summary.count(REFUSED) == len({call.check for call in handed_in})
+    assert "✅" not in summary and summary.count("❌ fail") == len(graded.checks)
 
 
 # ---------------------------------------------------------------- the parts that need no kernel
