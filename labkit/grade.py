@@ -287,8 +287,9 @@ def check_specs() -> dict:
 class Views:
     """labkit as each lesson's sandboxes see it (:func:`labkit.sandbox.build_view`), built once."""
 
-    def __init__(self, folder: Path, lessons_path: Path | None, specs: dict):
-        self.folder, self.lessons_path, self.specs, self.views, self.kept = folder, lessons_path, specs, {}, {}
+    def __init__(self, folder: Path, lessons_path: Path | None, specs: dict, log):
+        self.folder, self.lessons_path, self.specs, self.log = folder, lessons_path, specs, log
+        self.views, self.kept = {}, {}
 
     def sources(self, lesson: Lesson) -> list[str]:
         if self.lessons_path is None:
@@ -308,6 +309,9 @@ class Views:
             folder.mkdir()
             sandbox.build_view(folder, removed, lesson.name)
             self.views[lesson.name], self.kept[lesson.name] = folder, sorted(q for _, q in kept)
+            if kept:
+                self.log(f"note: lesson {lesson.name} uses labkit's {', '.join(self.kept[lesson.name])} itself, "
+                         f"so its submissions can call them although they compute one of its exercises")
         return self.views[lesson.name]
 
 
@@ -472,7 +476,8 @@ async def execute(handed: Handed, nb_name: str, prepared_io: Path, view: Path, o
                               outbox=str(scratch / "out"), workdir=str(scratch / "work"))
         env.update(PYTHONPATH=str(view), HOME=str(scratch / "home"), TMPDIR=str(scratch),
                    MPLCONFIGDIR=str(scratch / "home" / "matplotlib"),
-                   JUPYTER_RUNTIME_DIR=str(scratch / "home" / "jupyter"), IPYTHONDIR=str(scratch / "home" / "ipython"))
+                   JUPYTER_RUNTIME_DIR=str(scratch / "home" / "jupyter"), IPYTHONDIR=str(scratch / "home" / "ipython"),
+                   XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"))
         command = [sys.executable, str(view / "labkit" / "_grade_runner.py"), json.dumps(runner_options)]
     state, results, arrays = {}, [], _exchange.Arrays(scratch / "back")
     process = None
@@ -499,9 +504,10 @@ async def execute(handed: Handed, nb_name: str, prepared_io: Path, view: Path, o
             outcome.problems.append((TIMEOUT, f"timeout: the sandbox was killed after {2 * options.timeout + 120} s"))
         elif state.get("watchdog") or limits.hit_memory():
             what = state.get("watchdog", MEMORY)
-            outcome.problems.append((what, f"{what}: the sandbox was killed (its processes together exceeded it)"
-                                     if what != MEMORY or not data else
-                                     f"{what}: the notebook reached the limit of {options.memory_mb} MB"))
+            outcome.problems.append((what, f"{what}: the sandbox's processes together reached "
+                                           f"{options.memory_mb} MB" + (" and some were killed" if data else
+                                                                      ", it was killed")
+                                     if what == MEMORY else f"{what}: the sandbox was killed past {options.pids}"))
         if data or not outcome.problems:
             results = _parse(data, arrays, outcome)
     finally:
@@ -519,6 +525,8 @@ def _parse(data: bytes, arrays, outcome: Outcome) -> list:
     from . import _exchange
     try:
         frames = _frames(data)
+        if not frames:
+            raise ValueError("nothing sent")
         header = json.loads(frames[0].decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("the header is not an object")
@@ -734,12 +742,7 @@ def grade(paths, *, lessons: Path | None = None, options: Options | None = None,
     folder.chmod(0o700)
     try:
         context = {"folder": folder, "specs": check_specs(), "mode": mode}
-        context["views"] = Views(folder, lessons_path, context["specs"])
-        for lesson in known.values():
-            context["views"].get(lesson)
-            if context["views"].kept.get(lesson.name):
-                log(f"note: lesson {lesson.name} uses labkit's {', '.join(context['views'].kept[lesson.name])} "
-                    f"itself, so a submission can call them (they compute one of its exercises)")
+        context["views"] = Views(folder, lessons_path, context["specs"], log)
         return _run_in_thread(lambda: _grade_all(handed, known, options, progress, context))
     finally:
         for path in [folder, *folder.rglob("*")]:

@@ -29,7 +29,9 @@ LABKIT_DIR = Path(__file__).resolve().parent
 VIEW_ROOT = "/opt/labkit-view"  # where labkit's copy appears inside the sandbox
 IO_DIR = "/labkit-io"  # the grader's inputs, read-only inside
 WORK_DIR = "/tmp/work"
-OUT_DIR = "/tmp/labkit-out"
+OUT_DIR = "/labkit-out"  # a tmpfs of its own: a notebook that fills /tmp still gets its answers out
+OUT_BYTES = 64 * 2**20
+CACHE_ROOT = "/opt/labkit-cache"
 ETC_FILES = ("passwd", "group", "hosts", "nsswitch.conf", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
              "localtime", "fonts", "ssl/certs", "alternatives", "mime.types")
 
@@ -74,29 +76,31 @@ def _mounts() -> list[str]:
         args += ["--ro-bind", str(executable.parent), str(executable.parent)]
     for path in _data_dirs():
         args += ["--ro-bind-try", str(path), str(path)]
+    cache = _labkit_cache()
+    if cache is not None:  # at a path of its own: the grader's home folder does not appear
+        args += ["--ro-bind", str(cache), f"{CACHE_ROOT}/labkit"]
     args += ["--ro-bind-try", "/var/lib/dpkg", "/var/lib/dpkg"]  # labkit.data asks dpkg where the data are
     return args
 
 
 def _data_dirs() -> list[Path]:
-    """Fashion-MNIST (``$LABKIT_DATA``) and labkit's decoded cache, which notebooks read."""
-    dirs = []
-    if os.environ.get("LABKIT_DATA"):
-        dirs.append(Path(os.environ["LABKIT_DATA"]).resolve())
+    """Fashion-MNIST where ``$LABKIT_DATA`` puts it (the Debian package's is under /usr)."""
+    return [Path(os.environ["LABKIT_DATA"]).resolve()] if os.environ.get("LABKIT_DATA") else []
+
+
+def _labkit_cache() -> Path | None:
+    """labkit's cache of decoded data (``labkit.data``), which notebooks read."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labkit"
-    if cache.is_dir():
-        dirs.append(cache.resolve())
-    return dirs
+    return cache.resolve() if cache.is_dir() else None
 
 
 def sandbox_env(threads: int) -> dict:
     """The environment inside: nothing of the grader's but the paths Python and the data need."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").resolve()
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
            "HOME": "/tmp/home", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": VIEW_ROOT,
            "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "agg", "MPLCONFIGDIR": "/tmp/home/matplotlib",
            "JUPYTER_RUNTIME_DIR": "/tmp/home/jupyter", "IPYTHONDIR": "/tmp/home/ipython",
-           "XDG_CACHE_HOME": str(cache), "CUDA_VISIBLE_DEVICES": "", "LABKIT_DEVICE": "cpu",
+           "XDG_CACHE_HOME": CACHE_ROOT, "CUDA_VISIBLE_DEVICES": "", "LABKIT_DEVICE": "cpu",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MALLOC_ARENA_MAX": "2",
            "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
     if os.environ.get("LABKIT_DATA"):
@@ -113,8 +117,9 @@ def bwrap_command(view: Path, io: Path, tmpfs_bytes: int, command: list[str]) ->
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
             "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm",
+            "--size", str(OUT_BYTES), "--tmpfs", OUT_DIR,
             "--ro-bind", str(view), VIEW_ROOT, "--ro-bind", str(io), IO_DIR,
-            "--dir", WORK_DIR, "--dir", OUT_DIR, "--dir", "/tmp/home",
+            "--dir", WORK_DIR, "--dir", "/tmp/home",
             "--chdir", WORK_DIR, "--", *command]
 
 
@@ -388,9 +393,14 @@ class Limits:
         return ["/bin/sh", "-c", script, "sh", *map(str, self.groups), "--", *command]
 
     def hit_memory(self) -> bool:
+        """Whether the kernel killed a process of the sandbox for memory (``oom_kill`` in
+        ``memory.oom_control``; ``failcnt`` stays 0 on some kernels) or an allocation failed."""
         for group in self.groups:
+            if "memory" not in group.parts:
+                continue
             try:
-                if "memory" in group.parts and int((group / "memory.failcnt").read_text()) > 0:
+                control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+                if int(control.get("oom_kill", 0)) > 0 or int((group / "memory.failcnt").read_text()) > 0:
                     return True
             except (OSError, ValueError):
                 pass

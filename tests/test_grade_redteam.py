@@ -96,7 +96,7 @@ def attacks(secrets: dict) -> dict[str, nbformat.NotebookNode]:
             """, solution=False),
         "forge_source": attack("""\
             import inspect, labkit.attribution.gradients as module
-            namespace = {}
+            namespace = {"__name__": module.__name__, "__package__": module.__package__}
             exec(inspect.getsource(module), namespace)   # labkit's own source, as the sandbox has it
             gradient = lambda model, x, target: namespace["gradient"](model, x, target)
             """, solution=False),
@@ -113,16 +113,18 @@ def attacks(secrets: dict) -> dict[str, nbformat.NotebookNode]:
         "forge_profiler_and_frames": attack("""\
             import sys
             stolen = {}
-            def spy(frame, event, arg):   # look for the check's expected answer in every caller's frame
-                while frame is not None:
-                    for name in ("ref", "expected", "reference"):
-                        value = frame.f_locals.get(name)
-                        if isinstance(value, torch.Tensor):
-                            stolen["ref"] = value
-                    frame = frame.f_back
+            def spy(frame, event, arg):   # when the checks' functions run, take the expected answer
+                if event == "call" and frame.f_code.co_name in ("kernel_main", "call_student", "_run_student",
+                                                                "judge_case", "_check_case", "gradient"):
+                    caller = frame
+                    while caller is not None:
+                        for name in ("ref", "expected", "reference", "out"):
+                            if isinstance(caller.f_locals.get(name), torch.Tensor):
+                                stolen["ref"] = caller.f_locals[name]
+                        caller = caller.f_back
             sys.setprofile(spy)
+            threading_profile = __import__("threading").setprofile(spy)
             def gradient(model, x, target):
-                sys.setprofile(spy)
                 return stolen.get("ref", torch.zeros_like(x)).clone()
             """, solution=False),
         "forge_patch_engine_and_files": attack("""\
@@ -132,7 +134,7 @@ def attacks(secrets: dict) -> dict[str, nbformat.NotebookNode]:
             engine.close = lambda *a, **k: True
             def fake():  # keep claiming passes wherever results could go
                 while True:
-                    for folder in ("/tmp/labkit-out", "."):
+                    for folder in ("/labkit-out", "/tmp", "."):
                         try:
                             with open(os.path.join(folder, "result.json"), "w") as f:
                                 json.dump([{"check": "check_gradient", "passed": True, "hint": ""}], f)
