@@ -43,7 +43,7 @@ class Arrays:
         array = torch.Tensor.numpy(torch.Tensor.cpu(tensor.float() if tensor.dtype == torch.bfloat16 else tensor))
         name = f"{self.count}.npy"
         self.count += 1
-        np.save(self.folder / name, np.ascontiguousarray(array), allow_pickle=False)
+        np.save(self.folder / name, array.copy(order="C"), allow_pickle=False)  # 0-d stays 0-d
         return name
 
     def get(self, name, dtype: torch.dtype | None = None) -> torch.Tensor:
