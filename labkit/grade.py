@@ -897,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
                         help="bwrap: bubblewrap or fail; none: no sandbox (an explicit choice); auto (default): "
                              "bwrap when it works here, else none with a loud warning")
+    parser.add_argument("--no-cgroups", action="store_true",
+                        help="only the fallback limits (RLIMIT_AS, tmpfs sizes, a watchdog on memory and "
+                             "processes), as on a host without cgroup v1: to test the fallback")
     parser.add_argument("--summary", type=Path,
                         help="also write one Markdown page per submission with its hints here")
     parser.add_argument("--executed", type=Path, help="also keep the executed notebooks here")
@@ -916,7 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(o == given.resolve() or given.resolve() in o.parents for o in outputs):
             parser.error(f"the outputs must not be inside the submissions ({given})")
     options = Options(args.timeout, args.memory, args.max_output, args.jobs, keep_executed=bool(args.executed),
-                      sandbox=args.sandbox, pids=args.pids, tmpfs_mb=args.tmpfs, max_notebook_mb=args.max_notebook)
+                      sandbox=args.sandbox, pids=args.pids, tmpfs_mb=args.tmpfs, max_notebook_mb=args.max_notebook,
+                      cgroups=not args.no_cgroups)
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a hub's culler: stop every sandbox too
     started = time.monotonic()
     try:

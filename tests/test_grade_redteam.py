@@ -300,9 +300,18 @@ def run(tmp_path_factory):
     out = folder / "out" / "grades.csv"
     env_secret = "LABKIT_REDTEAM_SECRET"
     secrets = {"paths": [lessons / "90_tiny.ipynb", LESSON_01, ROOT / "solutions", out.parent,
-                         subs / "honest" / "90_tiny.ipynb", Path(grade.__file__), folder, Path.home()],
+                         subs / "honest" / "90_tiny.ipynb", Path(grade.__file__), folder, Path.home() / ".cache"],
                "env": env_secret, "port": listener.getsockname()[1]}
     notebooks = {"honest": tiny_lesson(), "honest_untouched": student_notebook(tiny_lesson()),
+                 "fair_global_state": attack("""\
+                     import os
+                     torch.set_grad_enabled(False)          # state a notebook may leave behind
+                     torch.set_default_dtype(torch.float64)
+                     torch.set_num_threads(3)
+                     torch.manual_seed(123)
+                     os.makedirs("/tmp/elsewhere", exist_ok=True)
+                     os.chdir("/tmp/elsewhere")
+                     """),
                  **attacks(secrets)}
     for student, nb in notebooks.items():
         (subs / student).mkdir(parents=True)
@@ -339,6 +348,12 @@ def run(tmp_path_factory):
 
 def assert_passes(row, score="1.000"):
     assert row["check_gradient"] == "pass" and row["score"] == score, row
+
+
+def test_global_state_left_by_a_notebook_does_not_fail_a_correct_function(run):
+    row = run.rows["fair_global_state"]
+    assert row["status"] == "ok", row
+    assert_passes(row)
 
 
 def test_honest_rows_are_unchanged_by_the_attackers_next_to_them(run):
@@ -439,6 +454,22 @@ def test_every_row_carries_the_hash_of_what_was_handed_in(run):
     for student, row in run.rows.items():
         expected = hashlib.sha256(Path(row["notebook"]).read_bytes()).hexdigest()
         assert row["sha256"] == expected, student
+
+
+def test_without_cgroups_the_watchdog_caps_memory_of_all_processes(tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    hog = attacks({"paths": [], "env": "X", "port": 1})["memory_many_processes"]
+    nbformat.write(hog, subs / "90_tiny.ipynb")
+    nbformat.write(tiny_lesson(), tmp_path / "90_tiny.ipynb")
+    done = subprocess.run([sys.executable, "-m", "labkit.grade", str(subs), "--lessons", str(tmp_path / "90_tiny.ipynb"),
+                           "--out", str(tmp_path / "g.csv"), "--no-progress", "--sandbox", "bwrap", "--no-cgroups",
+                           "--memory", str(MEMORY_MB), "--timeout", str(TIMEOUT)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "g.csv", newline="", encoding="utf-8") as file:
+        row = next(csv.DictReader(file))
+    assert row["status"] == "memory limit", row
 
 
 # ---------------------------------------------------------------- killing the grader
