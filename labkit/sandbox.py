@@ -120,6 +120,8 @@ def bwrap_command(view: Path, io: Path, tmpfs_bytes: int, command: list[str]) ->
             "--size", str(OUT_BYTES), "--tmpfs", OUT_DIR,
             "--ro-bind", str(view), VIEW_ROOT, "--ro-bind", str(io), IO_DIR,
             "--dir", WORK_DIR, "--dir", "/tmp/home",
+            # the root and /dev are tmpfs that bwrap made: read-only once the mounts are in place
+            "--remount-ro", "/dev", "--remount-ro", "/",
             "--chdir", WORK_DIR, "--", *command]
 
 

@@ -174,7 +174,8 @@ def attacks(secrets: dict) -> dict[str, nbformat.NotebookNode]:
             import os, glob
             import labkit
             targets = [*glob.glob(os.path.dirname(labkit.__file__) + "/**/*.py", recursive=True),
-                       *{paths!r}, "/usr/lib/evil", "/etc/passwd"]
+                       *{paths!r}, "/usr/lib/evil", "/etc/passwd", "/evil", "/dev/evil", "/labkit-io/evil",
+                       "/labkit-io/manifest.json", "/opt/labkit-view/evil"]
             written = []
             for path in targets:
                 try:
