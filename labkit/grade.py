@@ -451,8 +451,8 @@ def _kill(process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
-async def execute(handed: Handed, nb_name: str, prepared_io: Path, view: Path, options: Options,
-                  mode: str) -> tuple[Outcome, dict, "object"]:
+async def execute(nb_name: str, prepared_io: Path, view: Path, options: Options,
+                  mode: str) -> tuple[Outcome, list, tuple]:
     """Run the notebook and the grader's cell in a sandbox; what came back: the outcome, the
     results (JSON) and the arrays the grader's cell wrote."""
     from . import _exchange
@@ -634,7 +634,7 @@ async def _grade_into(row: Row, handed: Handed, lessons, options: Options, conte
         view = context["views"].get(row.lesson)
         for path in [io_dir, *io_dir.iterdir()]:
             path.chmod(0o555 if path.is_dir() else 0o444)
-        outcome, results, (arrays, scratch) = await execute(handed, submission.path.name, io_dir, view,
+        outcome, results, (arrays, scratch) = await execute(submission.path.name, io_dir, view,
                                                             options, context["mode"])
         outcome.verdicts = await asyncio.to_thread(judge, prepared, results, arrays)
     finally:
