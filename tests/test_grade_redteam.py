@@ -457,19 +457,36 @@ def test_every_row_carries_the_hash_of_what_was_handed_in(run):
         assert row["sha256"] == expected, student
 
 
-def test_without_cgroups_the_watchdog_caps_memory_of_all_processes(tmp_path):
+def grade_one(tmp_path, nb, *flags) -> dict:
+    """The row of ``nb`` (a submission of the tiny lesson) graded alone with ``flags``."""
     subs = tmp_path / "subs"
     subs.mkdir()
-    hog = attacks({"paths": [], "env": "X", "port": 1})["memory_many_processes"]
-    nbformat.write(hog, subs / "90_tiny.ipynb")
+    nbformat.write(nb, subs / "90_tiny.ipynb")
     nbformat.write(tiny_lesson(), tmp_path / "90_tiny.ipynb")
     done = subprocess.run([sys.executable, "-m", "labkit.grade", str(subs), "--lessons", str(tmp_path / "90_tiny.ipynb"),
-                           "--out", str(tmp_path / "g.csv"), "--no-progress", "--sandbox", "bwrap", "--no-cgroups",
-                           "--memory", str(MEMORY_MB), "--timeout", str(TIMEOUT)],
+                           "--out", str(tmp_path / "g.csv"), "--no-progress", "--sandbox", "bwrap",
+                           "--memory", str(MEMORY_MB), "--timeout", str(TIMEOUT), *flags],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "g.csv", newline="", encoding="utf-8") as file:
-        row = next(csv.DictReader(file))
+        return next(csv.DictReader(file))
+
+
+def test_without_cgroups_the_watchdog_caps_memory_of_all_processes(tmp_path):
+    hog = attacks({"paths": [], "env": "X", "port": 1})["memory_many_processes"]
+    row = grade_one(tmp_path, hog, "--no-cgroups")
+    assert row["status"] == "memory limit", row
+
+
+def test_dev_shm_counts_in_the_memory_limit(tmp_path):
+    """/dev/shm larger than the memory limit: filling it hits the cgroup's limit, not the disk."""
+    filler = attack("""\
+        chunk = b"x" * 2**20
+        with open("/dev/shm/hog", "wb") as f:
+            for _ in range(3000):
+                f.write(chunk)
+        """)
+    row = grade_one(tmp_path, filler, "--tmpfs", "4096")
     assert row["status"] == "memory limit", row
 
 
