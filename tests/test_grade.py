@@ -314,3 +314,12 @@ def test_bad_input_gets_a_row_or_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         grade.main([str(subs), "--out", str(subs / "inside.csv"), "--lessons", str(lessons)])
     assert "must not be inside the submissions" in capsys.readouterr().err
+
+
+def test_without_bubblewrap_the_grader_warns_or_refuses(monkeypatch):
+    monkeypatch.setattr(grade.sandbox, "bwrap_path", lambda: None)
+    mode, warning = grade.sandbox_mode("auto")
+    assert mode == "none" and "WITHOUT a sandbox" in warning and "apt-get install bubblewrap" in warning
+    assert grade.sandbox_mode("none") == ("none", None)
+    with pytest.raises(RuntimeError, match="bubblewrap"):
+        grade.sandbox_mode("bwrap")
