@@ -159,7 +159,7 @@ def _load_model_state(model: nn.Module, state: dict, arrays: Arrays, hooks: bool
     if hooks:  # hooks the student's code left behind: as many no-op hooks on the grader's copy
         from ._core import _HOOK_DICTS
         present = sum(len(getattr(m, name)) for m in modules for name in _HOOK_DICTS if hasattr(m, name))
-        for _ in range(max(0, int(state["hooks"]) - present)):
+        for _ in range(min(max(0, int(state["hooks"]) - present), 100)):  # a count from the sandbox: capped
             model.register_forward_hook(lambda *args: None)
 
 

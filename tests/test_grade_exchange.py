@@ -110,3 +110,19 @@ def test_a_notebooks_leftover_global_state_is_undone():
     finally:
         torch.set_grad_enabled(True)
         torch.set_default_dtype(torch.float32)
+
+
+def test_a_forged_hook_count_cannot_stall_the_grader(tmp_path):
+    spec = SPECS["check_gradient"]
+    folder = tmp_path / "x"
+    folder.mkdir()
+    arrays = _exchange.Arrays(folder)
+    with _engine.case_context(1):
+        case = _engine.cases_for(spec, 1)[0]
+    _, before = _engine.prepare_case(spec, case)
+    observation = _exchange._observe(spec.reference(*case.args), case.args, arrays)
+    observation["model"]["hooks"] = 10**12
+    _exchange.apply_observation(case, observation, arrays)
+    with pytest.raises(_engine.Failure, match="hook"):
+        _engine.judge_case(spec, case, spec.reference(*case.args), before, spec.reference(*case.args),
+                           _engine.argument_names(spec))
