@@ -124,7 +124,8 @@ def _hook_snapshot(modules: list[nn.Module]):
 
 @contextlib.contextmanager
 def preserved(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
-    """Use ``model`` inside the block and leave it exactly as it was afterwards.
+    """Use ``model`` inside the block and leave it exactly as it was afterwards; gradients are
+    enabled inside, also under a caller's ``torch.no_grad()``.
 
     Restores every module's train/eval flag, every parameter's ``requires_grad`` and ``.grad``,
     and removes any hook registered on any submodule during the block, also when it raises.
@@ -146,7 +147,8 @@ def preserved(model: nn.Module, *, eval_mode: bool = True, freeze: bool = True) 
         if freeze:
             for p, _, _ in params:
                 p.requires_grad_(False)
-        yield model
+        with torch.enable_grad():  # a caller's torch.no_grad() must not break gradient methods
+            yield model
     finally:
         # Restore only what changed: per-call overhead counts for small models on a GPU.
         for m, training in modes:
@@ -189,10 +191,11 @@ def input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
     """Gradient of the selected logits (summed over the batch, so each sample gets its own
     gradient) with respect to ``x``. Returns ``(gradient, logits)``, both detached."""
     x = x.detach().requires_grad_(True)
-    logits = logits_for(model, x)
-    target = check_target(target, x.shape[0], logits.shape[1], device=logits.device)
-    selected = logits.gather(1, target[:, None]).sum()
-    (grad,) = torch.autograd.grad(selected, x, create_graph=create_graph)
+    with torch.enable_grad():  # also under a caller's torch.no_grad(): a gradient needs the graph
+        logits = logits_for(model, x)
+        target = check_target(target, x.shape[0], logits.shape[1], device=logits.device)
+        selected = logits.gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(selected, x, create_graph=create_graph)
     return grad.detach(), logits.detach()
 
 

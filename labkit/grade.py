@@ -1,85 +1,62 @@
 """A gradebook from a folder of submitted notebooks: ``python -m labkit.grade SUBMISSIONS... --out grades.csv``.
 
-Every submission (an ``.ipynb`` file, or a folder searched recursively for them) runs in its own
-fresh kernel, in a fresh empty temporary directory holding a *copy* of the notebook; the file
-handed in is only ever read. The gradebook (CSV) has one row per submission: the student, the
-lesson, one column per check of that lesson (``pass``, ``fail``, or empty when the check never
-ran), ``passed``/``total``/``score``, a ``status`` and the ``error`` (what went wrong, which
-cell). ``--summary DIR`` also writes one Markdown page per submission with the hints it got;
-``--executed DIR`` keeps the executed copies for a look at what happened.
+Threat model: a submission is untrusted code. Each one runs in its own sandbox
+(:mod:`labkit.sandbox`: bubblewrap with new PID/network/IPC/UTS/mount namespaces, the system and
+a copy of labkit read-only, private size-capped tmpfs for its working copy, ``/tmp`` and
+``/dev/shm``, nothing of the instructor's tree, capabilities dropped, memory and processes
+capped by cgroups, a wall-clock limit), and the verdicts are computed *outside* it:
+
+1. Every submission is read and hashed (sha256, in its row) before any is graded; the
+   originals are never written, nor shown to a sandbox (it gets a copy of the bytes read).
+2. For each check call of the lesson (``check_gradient(gradient)``), the grader makes the
+   check's inputs with a fresh secret seed and writes them as ``.npy`` arrays and JSON
+   (:mod:`labkit._exchange`).
+3. In the sandbox the notebook runs in a fresh kernel; then one cell of the grader calls the
+   student's functions on those inputs and writes back only numbers: the output, the model
+   and inputs as the call left them.
+4. The grader reads that over a pipe it owns, with size limits, as JSON and
+   ``np.load(allow_pickle=False)``; puts the state back on its own copy of the inputs and
+   judges it with its own labkit (:func:`labkit.checks._engine.judge_case`): the same hints as
+   the in-notebook checks, which inside the sandbox only print that the grader checks.
+5. Rows are kept in memory; the gradebook (CSV, cells escaped against spreadsheet formulas),
+   the summaries and the executed notebooks are written after the last row, atomically
+   (a temporary file or folder renamed into place), so a crash or a kill leaves the previous ones.
+
+The sandbox's labkit is a copy in which the references of the lesson's checks, and labkit
+helpers that return the same answer (``_core.input_gradient`` for ``attribution.gradient``),
+raise instead of computing it; handing in or wrapping labkit's own function therefore cannot
+pass. Functions the lesson notebook itself uses stay (the grader lists them when it starts).
+
+Without bubblewrap (macOS, a laptop without it) ``--sandbox auto`` warns loudly and runs each
+submission as a plain subprocess: the verdicts are still computed outside, but the notebook
+can read and write whatever the grader's user can. ``--sandbox none`` chooses that explicitly.
 
 Who and which lesson
 --------------------
 The student id is the file name without ``.ipynb`` (``alice.ipynb`` -> ``alice``); when that is
 a lesson's name (``alice/01_gradient_saliency.ipynb``) it is the nearest parent folder whose name
-is not a lesson's name (so nbgrader's ``submitted/alice/01_gradient_saliency/01_gradient_saliency.ipynb``
-gives ``alice`` too). The lessons are the notebooks in ``--lessons`` (default: ``./solutions``,
-else the ``solutions/`` folder next to the labkit package); a submission belongs to the lesson
-whose number starts its file or folder name (``01_...``), else to the lesson whose checks it
-calls. The lesson notebook, not the submission, says which checks count and what each is
-called on: its code cells are parsed with ``ast`` for calls ``check_*(...)``, so deleting a
-check call does not remove it from the score, which is ``passed / checks of the lesson``. The
-arguments are evaluated once the notebook has run to its end, so ``check_gradient(gradient)``
-grades whatever ``gradient`` is then (a check that cannot run, e.g. ``gradient`` is undefined,
-is a fail with that hint). A check called several times passes when every call passes.
-
-What each kernel may use (isolation)
-------------------------------------
-- Working directory: its own empty temporary directory, deleted afterwards.
-- Time: ``--timeout S`` seconds of wall clock for the notebook's own cells, then the kernel is
-  interrupted and the checks get another ``S`` seconds; a kernel that ignores the interrupt is
-  killed with its whole process group.
-- Memory: ``--memory MB`` is the kernel's address-space limit (``RLIMIT_AS``, soft = hard, so
-  the notebook cannot raise it; its child processes inherit it). Past it, allocations fail with
-  ``MemoryError`` in that cell and the rest of the notebook goes on. Address space is more
-  than resident memory (libraries, thread stacks and malloc arenas reserve some; the kernels
-  get ``MALLOC_ARENA_MAX=2``), so the default, 6 GB, is well above what a lesson uses: a kernel
-  running EfficientNet-Lite0 with SmoothGrad peaked at 2.6 GB of address space, 1.2 GB resident.
-  CUDA reserves far more address space than that, so kernels with a limit see no GPU
-  (``CUDA_VISIBLE_DEVICES=""``); ``--memory 0`` lifts the limit and gives them the GPU.
-- Output: at most ``--max-output`` KB of a notebook's outputs are kept; the rest is dropped.
-  The kernel's own stdout/stderr (not the notebook's) go to /dev/null.
-- Threads: each kernel gets ``cores / jobs`` OpenMP threads (unless ``OMP_NUM_THREADS`` is
-  set), so parallel kernels do not fight over the cores.
-
-Not isolated: the notebook's code runs with the grader's user rights. It can read every file
-the grader can, write outside its directory, use the network, start processes, and patch
-anything in its own process (torch, builtins, the import system). For a class, run the grader
-in a container (the README's "Grading" section says how: the repo2docker image of this repository).
-
-Why printing "passed" is not a pass (anti-forgery)
---------------------------------------------------
-Stored outputs are ignored: every notebook is executed again. After its last cell, the grader
-runs one cell of its own (:func:`_grade_in_kernel`): it drops every ``labkit`` module from
-``sys.modules`` and loads ``labkit.checks`` afresh from the package's files, so checks the
-notebook redefined or monkeypatched (functions, the engine, recorded results) are gone; it
-re-evaluates the lesson's check arguments (e.g. ``gradient`` in ``check_gradient(gradient)``)
-in the notebook's namespace, calls the fresh checks on them, and writes the verdicts to a random
-path that appears only in that cell's source, which the kernel receives only after the
-notebook's cells have run. The grader reads that file, nothing else.
-
-This stops what a student can do by accident or with a quick hack: print a pass, define their
-own ``check_*``, patch ``labkit.checks``, append fake results, write a results file, skip a
-check, hand in labkit's own function. It does not stop code written against the grader itself:
-code in the same process can patch ``open``, ``json``, torch or the import machinery before the
-grader's cell runs, leave a thread behind that rewrites files, or edit labkit's files on disk
-where the user may write them. Reading a suspicious notebook, and the container, are the answer.
+is not a lesson's name. A submission belongs to the lesson whose number starts its file or folder
+name (``01_...``), else to the lesson whose checks it calls. The lesson notebook, not the
+submission, says which checks count and what each is called on (its ``check_*(...)`` calls,
+parsed with ``ast``), so deleting a check call does not remove it from the score. Grading needs
+only the lessons' check calls: the student notebooks (``notebooks/``) serve as ``--lessons``
+as well as the solutions do.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import asyncio
+import contextlib
 import csv
-import inspect
+import hashlib
 import json
-import math
 import os
 import re
 import secrets
 import shutil
 import signal
-import subprocess
+import struct
 import sys
 import tempfile
 import threading
@@ -89,27 +66,20 @@ from pathlib import Path
 
 import nbformat
 
+from . import sandbox
+
 LABKIT_DIR = Path(__file__).resolve().parent
 DEFAULT_TIMEOUT = 600
 DEFAULT_MEMORY_MB = 6144
 DEFAULT_MAX_OUTPUT_KB = 1024
-
-# what nbclient reports for a cell it interrupted at its time limit
-TIMED_OUT_REPLY = {"ename": "LabkitGradeTimeout", "evalue": "interrupted at the time limit", "traceback": []}
+DEFAULT_PIDS = 256
+DEFAULT_TMPFS_MB = 512
+DEFAULT_MAX_NOTEBOOK_MB = 20
+RESULT_BYTES = 32 * 2**20  # the arrays a sandbox may send back, beyond its outputs
 
 OK, CELL_ERRORS, TIMEOUT, KERNEL_DIED = "ok", "cell errors", "timeout", "kernel died"
 INVALID, UNKNOWN_LESSON, GRADER_ERROR = "invalid notebook", "unknown lesson", "grader error"
-
-# The kernel of one submission: limit its address space (and no core files), then start
-# ipykernel exactly as `python -m ipykernel_launcher` would.
-KERNEL_LAUNCHER = """\
-import resource, runpy, sys
-limit = int(sys.argv.pop(1))
-resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-if limit > 0:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
-"""
+MEMORY, OUTPUT_LIMIT, SANDBOX_DIED = "memory limit", "output limit", "sandbox died"
 
 
 # ---------------------------------------------------------------- lessons and their checks
@@ -210,108 +180,74 @@ class Submission:
         return next((name for name in self.names if name.lower() not in lessons), self.names[0])
 
 
-def find_submissions(paths) -> list[Submission]:
-    """The notebooks in ``paths`` (files, or folders searched recursively), in a stable order."""
-    found = []
+def scan(paths) -> tuple[list[Submission], list[tuple[Path, str]]]:
+    """The notebooks in ``paths`` (files, or folders searched recursively, links not followed),
+    in a stable order, and the files skipped with the reason."""
+    found, skipped = [], []
     for given in map(Path, paths):
-        if given.is_dir():
-            files = sorted(p for p in given.rglob("*.ipynb") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(given).parts))
-            found += [Submission(p, (p.stem, *reversed(p.relative_to(given).parent.parts))) for p in files]
+        if given.is_symlink():
+            skipped.append((given, "a symbolic link"))
+        elif given.is_dir():
+            for folder, dirs, files in os.walk(given):
+                base = Path(folder)
+                for name in sorted(dirs):
+                    if name.startswith(".") or (base / name).is_symlink():
+                        skipped.append((base / name, "a hidden folder" if name.startswith(".") else "a symbolic link"))
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (base / d).is_symlink())
+                for name in sorted(files):
+                    path = base / name
+                    reason = ("a hidden file" if name.startswith(".") else "a symbolic link" if path.is_symlink()
+                              else "not an .ipynb file" if not name.endswith(".ipynb")
+                              else "not a regular file" if not path.is_file() else None)
+                    if reason:
+                        skipped.append((path, reason))
+                    else:
+                        found.append(Submission(path, (path.stem, *reversed(path.relative_to(given).parent.parts))))
         elif given.is_file():
             found.append(Submission(given, (given.stem, *reversed(given.parent.parts))))
         else:
             raise FileNotFoundError(f"no submission at {given}: expected an .ipynb file or a folder of them")
-    return found
+    return found, skipped
 
 
-# ---------------------------------------------------------------- the grader's own cell
+def find_submissions(paths) -> list[Submission]:
+    """The notebooks in ``paths`` (see :func:`scan`)."""
+    return scan(paths)[0]
 
-def _grade_in_kernel(calls, labkit_dir, result_path):
-    """Runs in the submission's kernel after its own cells: loads labkit.checks afresh from
-    ``labkit_dir`` (whatever the notebook redefined or patched is dropped), calls each check on
-    the notebook's objects, and writes the verdicts as JSON to ``result_path``."""
-    import builtins
-    import importlib
-    import importlib.util
-    import json
-    import sys
-    namespace = sys._getframe().f_globals  # the notebook's own variables
-    for name in [name for name in sys.modules if name == "labkit" or name.startswith("labkit.")]:
-        del sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        "labkit", f"{labkit_dir}/__init__.py", submodule_search_locations=[labkit_dir])
-    sys.modules["labkit"] = labkit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(labkit)
-    checks = importlib.import_module("labkit.checks")
-    verdicts = []
-    for check, arguments in calls:
+
+@dataclass
+class Handed:
+    """A submission as read before grading: its bytes (None when unreadable) and their sha256."""
+    submission: Submission
+    data: bytes | None
+    sha256: str
+    problem: str = ""
+
+
+def read_all(submissions, max_bytes: int) -> list[Handed]:
+    """Read and hash every submission before any is graded: what is graded is what was handed in
+    at this moment, whatever happens to the files later."""
+    handed = []
+    for submission in submissions:
         try:
-            args, kwargs = builtins.eval(f"(lambda *a, **k: (a, k))({arguments})", namespace)
-        except BaseException as err:
-            verdicts.append({"check": check, "passed": False, "hint": (
-                f"`{arguments}` could not be evaluated at the end of the notebook ({type(err).__name__}: "
-                f"{str(err)[:200]}): did the cell that defines it run without an error?")})
+            with open(submission.path, "rb") as file:
+                data = file.read(max_bytes + 1)
+                digest = hashlib.sha256(data)
+                if len(data) > max_bytes:
+                    for chunk in iter(lambda: file.read(1 << 20), b""):
+                        digest.update(chunk)
+        except OSError as err:
+            handed.append(Handed(submission, None, "", f"could not be read: {err.strerror or err}"))
             continue
-        checks.clear_results()
-        try:
-            getattr(checks, check)(*args, **kwargs)
-            recorded = checks.results()[-1]
-            verdicts.append({"check": check, "passed": recorded["passed"], "hint": recorded["hint"]})
-        except BaseException as err:
-            verdicts.append({"check": check, "passed": False,
-                             "hint": f"the check could not run: {type(err).__name__}: {str(err)[:200]}"})
-    with builtins.open(result_path, "w", encoding="utf-8") as file:
-        json.dump(verdicts, file)
+        if len(data) > max_bytes:
+            handed.append(Handed(submission, None, digest.hexdigest(),
+                                 f"larger than the limit of {max_bytes // 2**20} MB (--max-notebook)"))
+        else:
+            handed.append(Handed(submission, data, digest.hexdigest()))
+    return handed
 
 
-def grader_cell_source(calls, result_path: Path) -> str:
-    pairs = [(call.check, call.arguments) for call in calls]
-    return (inspect.getsource(_grade_in_kernel)
-            + f"\n_grade_in_kernel({pairs!r}, {str(LABKIT_DIR)!r}, {str(result_path)!r})\n"
-            + "del _grade_in_kernel\n")
-
-
-# ---------------------------------------------------------------- running one notebook
-
-def _content_size(content: dict) -> int:
-    parts = [content.get("text", ""), *content.get("traceback", []), *content.get("data", {}).values()]
-    return sum(len(part) if isinstance(part, str) else len(json.dumps(part)) for part in parts)
-
-
-def _client_class():
-    from nbclient import NotebookClient
-
-    class CappedClient(NotebookClient):
-        """nbclient's client that keeps at most ``max_output`` bytes of outputs and notes every
-        cell error as ``(cell number, "Name: message")``."""
-
-        def __init__(self, nb, max_output: int, **kw):
-            super().__init__(nb, **kw)
-            self.max_output, self.output_bytes, self.cell_errors = max_output, 0, []
-            self.running_cell, self.timed_out = "startup", False
-            self.on_cell_error = self._note_error
-
-        def output(self, outs, msg, display_id, cell_index):
-            self.output_bytes += _content_size(msg["content"])
-            if self.output_bytes <= self.max_output:
-                return super().output(outs, msg, display_id, cell_index)
-            if self.output_bytes - _content_size(msg["content"]) <= self.max_output:
-                outs.append(nbformat.v4.new_output("stream", name="stderr", text=(
-                    f"\n[labkit.grade: output truncated, this notebook printed more than "
-                    f"{self.max_output // 1024} KB]\n")))
-            return None
-
-        def _note_error(self, cell, cell_index, execute_reply):
-            content = execute_reply["content"]
-            if content.get("ename") == TIMED_OUT_REPLY["ename"]:
-                self.timed_out = True
-                return
-            message = f"{content.get('ename', 'Error')}: {content.get('evalue', '')}".strip()
-            self.cell_errors.append((cell_index + 1, message.splitlines()[0][:200] if message else ""))
-
-    return CappedClient
-
+# ---------------------------------------------------------------- options and the lessons' checks
 
 def cores() -> int:
     try:
@@ -327,102 +263,297 @@ class Options:
     max_output_kb: int = DEFAULT_MAX_OUTPUT_KB
     jobs: int = field(default_factory=cores)
     keep_executed: bool = False  # keep each executed notebook in its Row (memory: up to max_output each)
+    sandbox: str = "auto"  # "bwrap", "none", or "auto" (bwrap when it works here)
+    pids: int = DEFAULT_PIDS
+    tmpfs_mb: int = DEFAULT_TMPFS_MB
+    max_notebook_mb: int = DEFAULT_MAX_NOTEBOOK_MB
+    cgroups: bool = True  # False: the fallback limits (RLIMIT_AS, tmpfs size, a watchdog) only
 
+
+def check_specs() -> dict:
+    """``{check name: Spec}`` of every lesson's checks, from the grader's own labkit."""
+    import importlib
+    import pkgutil
+    from . import checks
+    from .checks import _engine
+    specs = {}
+    for info in pkgutil.iter_modules(checks.__path__):
+        if info.name.startswith("lesson"):
+            module = importlib.import_module(f"{checks.__name__}.{info.name}")
+            specs.update({v.name: v for v in vars(module).values() if isinstance(v, _engine.Spec)})
+    return specs
+
+
+class Views:
+    """labkit as each lesson's sandboxes see it (:func:`labkit.sandbox.build_view`), built once."""
+
+    def __init__(self, folder: Path, lessons_path: Path | None, specs: dict, log):
+        self.folder, self.lessons_path, self.specs, self.log = folder, lessons_path, specs, log
+        self.views, self.kept = {}, {}
+
+    def sources(self, lesson: Lesson) -> list[str]:
+        if self.lessons_path is None:
+            return []
+        path = self.lessons_path if self.lessons_path.is_file() else self.lessons_path / f"{lesson.name}.ipynb"
+        try:
+            nb = nbformat.read(path, as_version=4)
+        except (OSError, ValueError):
+            return []
+        return [cell.source for cell in nb.cells if cell.cell_type == "code"]
+
+    def get(self, lesson: Lesson) -> Path:
+        if lesson.name not in self.views:
+            specs = [self.specs[c] for c in lesson.checks if c in self.specs]
+            removed, kept = sandbox.plan_view(specs, self.sources(lesson))
+            folder = self.folder / f"view-{len(self.views)}"
+            folder.mkdir()
+            sandbox.build_view(folder, removed, lesson.name)
+            self.views[lesson.name], self.kept[lesson.name] = folder, sorted(q for _, q in kept)
+            if kept:
+                self.log(f"note: lesson {lesson.name} uses labkit's {', '.join(self.kept[lesson.name])} itself, "
+                         f"so its submissions can call them although they compute one of its exercises")
+        return self.views[lesson.name]
+
+
+# ---------------------------------------------------------------- one submission in its sandbox
 
 @dataclass
 class Outcome:
     verdicts: list = field(default_factory=list)
     problems: list = field(default_factory=list)  # (status, message), worst first
     cell_errors: list = field(default_factory=list)
+    executed: str | None = None
 
 
-def _kernel_spec(options: Options):
-    from jupyter_client.kernelspec import KernelSpec
-    argv = [sys.executable, "-c", KERNEL_LAUNCHER, str(options.memory_mb * 2**20), "-f",
-            "{connection_file}", "--HistoryManager.hist_file=:memory:"]
-    return KernelSpec(argv=argv, display_name="labkit grader", language="python",
-                      interrupt_mode="signal")
+@dataclass
+class Prepared:
+    """One check call: its seed, the grader's cases (kept to judge), or why it cannot be sent."""
+    call: CheckCall
+    spec: object
+    seed: int
+    cases: list = field(default_factory=list)
+    problem: str = ""
 
 
-def _kernel_env(options: Options) -> dict:
-    env = dict(os.environ)
-    env.pop("LABKIT_CHECK_LOG", None)  # checks run by the notebook itself must not write the instructor's log
-    threads = str(max(1, cores() // options.jobs))
-    env.setdefault("OMP_NUM_THREADS", threads)
-    env.setdefault("MKL_NUM_THREADS", threads)
-    env.setdefault("MALLOC_ARENA_MAX", "2")  # each glibc arena reserves 64 MB of address space
-    if options.memory_mb > 0:
-        env["CUDA_VISIBLE_DEVICES"] = ""  # CUDA reserves far more address space than the limit
-    return env
+def prepare(calls, specs: dict, io_dir: Path) -> list[Prepared]:
+    """Make every check call's inputs and write them to ``io_dir`` for the sandbox."""
+    from . import _exchange
+    from .checks import _engine
+    arrays, prepared, manifest = _exchange.Arrays(io_dir), [], []
+    for call in calls:
+        spec = specs.get(call.check)
+        item = Prepared(call, spec, secrets.randbits(31))
+        prepared.append(item)
+        if spec is None:
+            item.problem = f"labkit has no check named {call.check}"
+            continue
+        with _engine.case_context(item.seed):
+            item.cases = _engine.cases_for(spec, item.seed)
+        try:
+            encoded = _exchange.encode_cases(item.cases, arrays)
+        except _exchange.Unsendable as err:
+            item.problem, item.cases = f"the grader cannot send this check's inputs to the sandbox ({err})", []
+            continue
+        manifest.append({"check": call.check, "arguments": call.arguments, "cases": encoded})
+    (io_dir / _exchange.MANIFEST).write_text(json.dumps({"seed": secrets.randbits(31), "calls": manifest}),
+                                             encoding="utf-8")
+    return prepared
 
 
-def _kernel_manager(options: Options):
-    from jupyter_client import AsyncKernelManager
-    from jupyter_client.kernelspec import KernelSpecManager
+def judge(prepared: list[Prepared], results: list, arrays) -> list[dict]:
+    """The verdicts, computed here with the grader's labkit from what the sandbox sent."""
+    verdicts, sent = [], iter(results if isinstance(results, list) else [])
+    for item in prepared:
+        if item.problem:
+            verdicts.append({"check": item.call.check, "passed": False, "hint": item.problem})
+            continue
+        entry = next(sent, None)
+        hint = None
+        try:
+            if not results:
+                hint = "the grader's cell did not finish in the notebook's kernel (see the row's status)"
+            elif not isinstance(entry, dict) or entry.get("check") != item.call.check:
+                raise ValueError("no answer for this check")
+            elif entry.get("unavailable"):
+                hint = str(entry["unavailable"])[:500]
+            else:
+                hint = _judge_cases(item, entry.get("cases"), arrays)
+        except Exception as err:  # whatever came back, malformed: a fail for this check only
+            hint = f"the sandbox's answer could not be read ({type(err).__name__}: {str(err)[:200]})"
+        verdicts.append({"check": item.call.check, "passed": hint is None, "hint": hint or ""})
+    return verdicts
 
-    class GraderKernel(KernelSpecManager):
-        """Always the grader's own Python with the limits, whatever a notebook's metadata names."""
-        def get_kernel_spec(self, kernel_name):
-            return _kernel_spec(options)
 
-    return AsyncKernelManager(kernel_name="labkit-grader", kernel_spec_manager=GraderKernel())
-
-
-async def _run_cells(client, deadline: float) -> int | None:
-    """Execute the notebook's cells in order; the number of the cell that was running when
-    ``deadline`` passed (nbclient interrupted it), or None."""
-    for index, cell in enumerate(client.nb.cells):
-        client.timeout = max(1, math.ceil(deadline - time.monotonic()))
-        client.running_cell, client.timed_out = f"cell {index + 1}", False
-        await client.async_execute_cell(cell, index, execution_count=client.code_cells_executed + 1)
-        if client.timed_out:
-            return index + 1
+def _judge_cases(item: Prepared, observations, arrays) -> str | None:
+    from . import _exchange
+    from .checks import _engine
+    if not isinstance(observations, list) or not observations:
+        raise ValueError("no cases came back")
+    names = _engine.argument_names(item.spec)
+    with _engine.case_context(item.seed):
+        for case, observation in zip(item.cases, observations):
+            if "raised" in observation:  # the student's code raised: a fail, with the hint made inside
+                return str(observation["raised"])[:500] or "your code raised an error"
+            ref, before = _engine.prepare_case(item.spec, case)
+            out = _exchange.returned_value(observation["out"], arrays, ref.device)
+            _exchange.apply_observation(case, observation, arrays)
+            try:
+                _engine.judge_case(item.spec, case, ref, before, out, names)
+            except _engine.Failure as failure:
+                return str(failure)
+    if len(observations) < len(item.cases):
+        raise ValueError("fewer cases came back than were sent")
     return None
 
 
-async def execute(nb, workdir: Path, calls, options: Options, results_dir: Path) -> Outcome:
-    """Run ``nb`` (in place) in a fresh kernel in ``workdir``, then the grader's checks."""
-    from nbclient.exceptions import DeadKernelError
-    outcome, result_path = Outcome(), results_dir / f"{secrets.token_hex(16)}.json"
-    km = _kernel_manager(options)
-    client = _client_class()(nb, km=km, max_output=options.max_output_kb * 1024,
-                             allow_errors=True, shutdown_kernel="immediate", startup_timeout=120,
-                             interrupt_on_timeout=True, error_on_timeout=TIMED_OUT_REPLY)
+def _frames(data: bytes) -> list[bytes]:
+    frames, offset = [], 0
+    while offset + 4 <= len(data):
+        (size,) = struct.unpack(">I", data[offset:offset + 4])
+        frames.append(data[offset + 4:offset + 4 + size])
+        offset += 4 + size
+    if offset != len(data):
+        raise ValueError("the sandbox's answer is cut off")
+    return frames
+
+
+async def _read_capped(stream, limit: int) -> tuple[bytes, bool]:
+    chunks, total = [], 0
+    while True:
+        chunk = await stream.read(1 << 16)
+        if not chunk:
+            return b"".join(chunks), False
+        total += len(chunk)
+        if total > limit:
+            return b"", True
+        chunks.append(chunk)
+
+
+async def _watchdog(process, limits: sandbox.Limits, memory_bytes: int, state: dict):
+    """The fallback without cgroups: kill the sandbox when its processes together hold more
+    than ``memory_bytes`` resident or more than ``limits.pids`` tasks."""
+    while process.returncode is None:
+        resident, tasks = await asyncio.to_thread(sandbox.usage, process.pid)
+        if (memory_bytes > 0 and resident > memory_bytes) or tasks > limits.pids:
+            state["watchdog"] = MEMORY if memory_bytes > 0 and resident > memory_bytes else "process limit"
+            _kill(process)
+            return
+        await asyncio.sleep(0.5)
+
+
+def _kill(process) -> None:
+    """Kill the sandbox's first process and everything below it (bwrap's PID namespace ends
+    with it anyway; without bwrap, a kernel in a session of its own is below it too)."""
+    for pid in reversed(sandbox.descendants(process.pid)) if process.returncode is None else ():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+async def execute(nb_name: str, prepared_io: Path, view: Path, options: Options,
+                  mode: str) -> tuple[Outcome, list, tuple]:
+    """Run the notebook and the grader's cell in a sandbox; what came back: the outcome, the
+    results (JSON) and the arrays the grader's cell wrote."""
+    from . import _exchange
+    outcome = Outcome()
+    threads = max(1, cores() // options.jobs)
+    memory = options.memory_mb * 2**20
+    runner_options = {"notebook": f"{sandbox.IO_DIR}/submission.ipynb", "name": nb_name,
+                      "timeout": options.timeout, "max_output": options.max_output_kb * 1024,
+                      "memory_bytes": memory, "io": sandbox.IO_DIR, "outbox": sandbox.OUT_DIR,
+                      "workdir": sandbox.WORK_DIR, "keep_executed": options.keep_executed}
+    scratch = Path(tempfile.mkdtemp(prefix="labkit-scratch-"))
+    limits = sandbox.Limits(f"labkit-grade-{os.getpid()}-{secrets.token_hex(4)}", memory, options.pids,
+                            use_cgroups=options.cgroups and mode == "bwrap")
+    env = sandbox.sandbox_env(threads)
+    if mode == "bwrap":
+        command = sandbox.bwrap_command(view, prepared_io, options.tmpfs_mb * 2**20,
+                                        [sys.executable, f"{sandbox.VIEW_ROOT}/labkit/_grade_runner.py",
+                                         json.dumps(runner_options)])
+    else:  # the same run without walls: the paths are the grader's temporary folders
+        runner_options.update(notebook=str(prepared_io / "submission.ipynb"), io=str(prepared_io),
+                              outbox=str(scratch / "out"), workdir=str(scratch / "work"))
+        env.update(PYTHONPATH=str(view), HOME=str(scratch / "home"), TMPDIR=str(scratch),
+                   MPLCONFIGDIR=str(scratch / "home" / "matplotlib"),
+                   JUPYTER_RUNTIME_DIR=str(scratch / "home" / "jupyter"), IPYTHONDIR=str(scratch / "home" / "ipython"),
+                   XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"))
+        command = [sys.executable, str(view / "labkit" / "_grade_runner.py"), json.dumps(runner_options)]
+    state, results, arrays = {}, [], _exchange.Arrays(scratch / "back")
+    process = None
     try:
-        async with client.async_setup_kernel(cleanup_kc=True, cwd=str(workdir), env=_kernel_env(options),
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
-            interrupted = await _run_cells(client, time.monotonic() + options.timeout)
-            if interrupted:
-                outcome.problems.append((TIMEOUT, f"timeout: stopped after {options.timeout} s, "
-                                                  f"in cell {interrupted}"))
-            nb.cells.append(nbformat.v4.new_code_cell(grader_cell_source(calls, result_path)))
-            client.timeout, client.running_cell = options.timeout, "the grader's checks"
-            await client.async_execute_cell(nb.cells[-1], len(nb.cells) - 1, store_history=False)
-            if client.timed_out:
-                outcome.problems.append((TIMEOUT, f"timeout: the checks did not finish within "
-                                                  f"{options.timeout} s (the kernel ignored the interrupt?)"))
-    except DeadKernelError:
-        outcome.problems.append((KERNEL_DIED, f"the kernel died in {client.running_cell} (a crash, "
-                                              f"exit() or the memory limit)"))
+        process = await asyncio.create_subprocess_exec(
+            *limits.wrap(command), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
+            cwd=str(scratch) if mode != "bwrap" else None)
+        watchdog = asyncio.ensure_future(_watchdog(process, limits, memory, state)) if not limits.cgroups else None
+        limit = options.max_output_kb * 1024 + RESULT_BYTES
+        try:
+            data, too_much = await asyncio.wait_for(_read_capped(process.stdout, limit), 2 * options.timeout + 120)
+        except asyncio.TimeoutError:
+            data, too_much = b"", False
+            state["deadline"] = True
+        _kill(process)
+        await process.wait()
+        if watchdog:
+            watchdog.cancel()
+        limits.kill_all()  # anything of it still alive: the PID namespace is gone with bwrap, this is the cgroup
+        if too_much:
+            outcome.problems.append((OUTPUT_LIMIT, f"the sandbox sent more than {limit // 2**20} MB"))
+        elif state.get("deadline"):
+            outcome.problems.append((TIMEOUT, f"timeout: the sandbox was killed after {2 * options.timeout + 120} s"))
+        elif state.get("watchdog") or limits.hit_memory():
+            what = state.get("watchdog", MEMORY)
+            outcome.problems.append((what, f"{what}: the sandbox's processes together reached "
+                                           f"{options.memory_mb} MB" + (" and some were killed" if data else
+                                                                      ", it was killed")
+                                     if what == MEMORY else f"{what}: the sandbox was killed past {options.pids}"))
+        if data or not outcome.problems:
+            results = _parse(data, arrays, outcome)
     finally:
-        if km.has_kernel:  # cancelled while the kernel was starting: nbclient has not cleaned up
-            await km.shutdown_kernel(now=True)
-    outcome.cell_errors = client.cell_errors
-    outcome.verdicts = _read_verdicts(result_path)
-    if not outcome.verdicts and calls and not outcome.problems:
-        outcome.problems.append((GRADER_ERROR, "the grader's checks wrote no results (see the last cell)"))
-    return outcome
+        if process is not None and process.returncode is None:
+            _kill(process)
+        limits.close()
+        if mode != "bwrap":
+            shutil.rmtree(scratch / "work", ignore_errors=True)
+    return outcome, results, (arrays, scratch)
 
 
-def _read_verdicts(path: Path) -> list:
+def _parse(data: bytes, arrays, outcome: Outcome) -> list:
+    """The runner's frames: a JSON header, then file names and contents; only ``.npy`` arrays and
+    the results' JSON are kept."""
+    from . import _exchange
     try:
-        verdicts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        frames = _frames(data)
+        if not frames:
+            raise ValueError("nothing sent")
+        header = json.loads(frames[0].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not an object")
+    except (ValueError, IndexError, UnicodeDecodeError) as err:
+        outcome.problems.append((SANDBOX_DIED, f"the sandbox ended without an answer ({str(err)[:100] or 'nothing sent'})"))
         return []
-    finally:
-        path.unlink(missing_ok=True)
-    return [v for v in verdicts if isinstance(v, dict) and isinstance(v.get("check"), str)
-            and isinstance(v.get("passed"), bool) and isinstance(v.get("hint"), str)]
+    for item in header.get("problems") or []:
+        if isinstance(item, list) and len(item) == 2 and all(isinstance(v, str) for v in item):
+            status = item[0] if item[0] in (TIMEOUT, KERNEL_DIED, GRADER_ERROR) else GRADER_ERROR
+            outcome.problems.append((status, item[1][:300]))
+    outcome.cell_errors = [(int(n), str(m)[:200]) for n, m in (header.get("cell_errors") or [])[:1000]
+                           if isinstance(n, int)]
+    if isinstance(header.get("executed"), str):
+        outcome.executed = header["executed"]
+    arrays.folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    pairs = frames[1:]
+    for name, content in zip(pairs[0::2], pairs[1::2]):
+        name = name.decode("utf-8", "replace")
+        if name == _exchange.RESULT:
+            try:
+                results = json.loads(content.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                results = []
+        elif re.fullmatch(r"\d{1,9}\.npy", name):
+            (arrays.folder / name).write_bytes(content)
+    return results
 
 
 # ---------------------------------------------------------------- rows of the gradebook
@@ -432,6 +563,7 @@ class Row:
     student: str
     notebook: str
     lesson: Lesson | None
+    sha256: str = ""
     status: str = OK
     error: str = ""
     results: dict = field(default_factory=dict)  # check -> (passed, hint)
@@ -466,24 +598,27 @@ def _describe_errors(cell_errors) -> str:
     return f"cell {number}: {message}{more}"
 
 
-async def grade_submission(submission: Submission, lessons: dict[str, Lesson], options: Options,
-                           results_dir: Path) -> Row:
+async def grade_submission(handed: Handed, lessons: dict[str, Lesson], options: Options, context: dict) -> Row:
     """One row of the gradebook; never raises for anything the notebook does."""
     started = time.monotonic()
-    row = Row(submission.student(lessons), str(submission.path), None)
+    submission = handed.submission
+    row = Row(submission.student(lessons), str(submission.path), None, sha256=handed.sha256)
     try:
-        await _grade_into(row, submission, lessons, options, results_dir)
-    except Exception as err:  # e.g. the kernel did not start: this row only
+        await _grade_into(row, handed, lessons, options, context)
+    except Exception as err:  # e.g. the sandbox did not start: this row only
         row.status, row.error = GRADER_ERROR, f"{type(err).__name__}: {str(err)[:300]}"
     row.seconds = time.monotonic() - started
     return row
 
 
-async def _grade_into(row: Row, submission: Submission, lessons, options: Options, results_dir: Path):
+async def _grade_into(row: Row, handed: Handed, lessons, options: Options, context: dict):
+    submission = handed.submission
     try:
-        nb = nbformat.reads(submission.path.read_bytes().decode("utf-8"), as_version=4)
+        if handed.data is None:
+            raise ValueError(handed.problem)
+        nb = nbformat.reads(handed.data.decode("utf-8"), as_version=4)
         own_calls = check_calls(nb)
-    except Exception as err:  # not JSON, not a notebook, not UTF-8
+    except Exception as err:  # not JSON, not a notebook, not UTF-8, too large
         row.lesson = lesson_for(list(submission.names), (), lessons)
         row.status, row.error = INVALID, f"not a valid notebook: {type(err).__name__}: {str(err)[:200]}"
         return
@@ -491,16 +626,25 @@ async def _grade_into(row: Row, submission: Submission, lessons, options: Option
     if row.lesson is None:
         row.status, row.error = UNKNOWN_LESSON, "cannot tell the lesson; pass --lessons with its notebook"
         return
-    for cell in nb.cells:  # stored outputs are never trusted, and not needed
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None
-    workdir = Path(tempfile.mkdtemp(prefix="labkit-grade-"))
+    io_dir = Path(tempfile.mkdtemp(prefix="io-", dir=context["folder"]))
+    scratch = None
     try:
-        shutil.copyfile(submission.path, workdir / submission.path.name)
-        outcome = await execute(nb, workdir, row.lesson.calls, options, results_dir)
+        (io_dir / "submission.ipynb").write_bytes(handed.data)
+        prepared = await asyncio.to_thread(prepare, row.lesson.calls, context["specs"], io_dir)
+        view = context["views"].get(row.lesson)
+        for path in [io_dir, *io_dir.iterdir()]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        outcome, results, (arrays, scratch) = await execute(submission.path.name, io_dir, view,
+                                                            options, context["mode"])
+        outcome.verdicts = await asyncio.to_thread(judge, prepared, results, arrays)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    row.results, row.executed = _combine(outcome.verdicts), nb if options.keep_executed else None
+        shutil.rmtree(io_dir, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    row.results = _combine(outcome.verdicts)
+    if options.keep_executed and outcome.executed:
+        with contextlib.suppress(Exception):
+            row.executed = nbformat.reads(outcome.executed, as_version=4)
     messages = [message for _, message in outcome.problems] + [_describe_errors(outcome.cell_errors)]
     row.status = outcome.problems[0][0] if outcome.problems else CELL_ERRORS if outcome.cell_errors else OK
     row.error = "; ".join(m for m in messages if m)
@@ -508,16 +652,30 @@ async def _grade_into(row: Row, submission: Submission, lessons, options: Option
 
 # ---------------------------------------------------------------- the whole class
 
-async def _grade_all(submissions, lessons, options: Options, progress: bool) -> list[Row]:
+def sandbox_mode(requested: str) -> tuple[str, str | None]:
+    """``("bwrap" | "none", warning)`` for ``--sandbox``: auto is bwrap when it works here."""
+    if requested == "none":
+        return "none", None
+    problem = sandbox.bwrap_works()
+    if problem is None:
+        return "bwrap", None
+    if requested == "bwrap":
+        raise RuntimeError(f"--sandbox bwrap: {problem}")
+    return "none", (f"{problem}: the notebooks run WITHOUT a sandbox (verdicts are still computed "
+                    f"outside them, but each notebook can read and write whatever this user can). "
+                    f"Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or pass "
+                    f"--sandbox none to choose this")
+
+
+async def _grade_all(handed: list[Handed], lessons, options: Options, progress: bool, context: dict) -> list[Row]:
     from tqdm.auto import tqdm
     gate = asyncio.Semaphore(options.jobs)
-    results_dir = Path(tempfile.mkdtemp(prefix="labkit-grade-results-"))
 
-    async def one(submission):
+    async def one(item):
         async with gate:
-            return await grade_submission(submission, lessons, options, results_dir)
+            return await grade_submission(item, lessons, options, context)
 
-    tasks = [asyncio.ensure_future(one(s)) for s in submissions]
+    tasks = [asyncio.ensure_future(one(item)) for item in handed]
     try:
         with tqdm(total=len(tasks), desc="grading", unit="notebook", disable=not progress) as bar:
             for finished in asyncio.as_completed(tasks):
@@ -529,7 +687,6 @@ async def _grade_all(submissions, lessons, options: Options, progress: bool) -> 
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        shutil.rmtree(results_dir, ignore_errors=True)
 
 
 def _run_in_thread(coroutine_function):
@@ -565,32 +722,101 @@ def _run_in_thread(coroutine_function):
     return outcome["value"]
 
 
+
 def grade(paths, *, lessons: Path | None = None, options: Options | None = None,
-          progress: bool = True) -> list[Row]:
-    """Grade every notebook in ``paths``; one :class:`Row` per notebook, in a stable order."""
+          progress: bool = True, log=None) -> list[Row]:
+    """Grade every notebook in ``paths``; one :class:`Row` per notebook, in a stable order.
+    ``log(message)`` hears the warnings (the sandbox, skipped files, labkit functions left usable)."""
     options = options or Options()
+    log = log or (lambda message: print(message, file=sys.stderr))
     lessons_path = lessons or default_lessons()
     known = load_lessons(lessons_path) if lessons_path else {}
-    submissions = find_submissions(paths)
-    return _run_in_thread(lambda: _grade_all(submissions, known, options, progress))
+    submissions, skipped = scan(paths)
+    for path, reason in skipped:
+        log(f"skipped {path}: {reason}")
+    handed = read_all(submissions, options.max_notebook_mb * 2**20)
+    mode, warning = sandbox_mode(options.sandbox)
+    if warning:
+        log("\n" + "!" * 78 + f"\nWARNING: {warning}\n" + "!" * 78)
+    folder = Path(tempfile.mkdtemp(prefix="labkit-grade-"))
+    folder.chmod(0o700)
+    try:
+        context = {"folder": folder, "specs": check_specs(), "mode": mode}
+        context["views"] = Views(folder, lessons_path, context["specs"], log)
+        return _run_in_thread(lambda: _grade_all(handed, known, options, progress, context))
+    finally:
+        for path in [folder, *folder.rglob("*")]:
+            with contextlib.suppress(OSError):
+                path.chmod(0o700)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- writing, after every row
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def csv_cell(value) -> str:
+    """A cell a spreadsheet shows as text: one that starts like a formula gets a leading quote."""
+    text = str(value)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """Write to a temporary file next to ``path``, then rename it over ``path`` (all or nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def _atomic_folder(folder: Path):
+    """Fill a new folder next to ``folder``, then swap it in for the old one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield temporary
+        old = None
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{secrets.token_hex(4)}"
+            os.replace(folder, old)
+        os.replace(temporary, folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def write_gradebook(rows: list[Row], out: Path) -> None:
     checks = list(dict.fromkeys(c for row in rows if row.lesson for c in row.lesson.checks))
-    columns = ["student", "lesson", "notebook", *checks,
+    columns = ["student", "lesson", "notebook", "sha256", *checks,
                "passed", "total", "score", "status", "error", "seconds"]
-    with open(out, "w", newline="", encoding="utf-8") as file:
+    with _atomic_file(out) as file:
         writer = csv.DictWriter(file, columns)
         writer.writeheader()
         for row in rows:
             total = row.total
-            writer.writerow({
+            writer.writerow({key: csv_cell(value) for key, value in {
                 "student": row.student, "lesson": row.lesson.name if row.lesson else "",
-                "notebook": row.notebook, "passed": row.passed, "total": "" if total is None else total,
+                "notebook": row.notebook, "sha256": row.sha256, "passed": row.passed,
+                "total": "" if total is None else total,
                 "score": f"{row.passed / total:.3f}" if total else "", "status": row.status,
                 "error": row.error, "seconds": f"{row.seconds:.1f}",
                 **{check: ("pass" if row.results[check][0] else "fail") if check in row.results else ""
-                   for check in checks}})
+                   for check in checks}}.items()})
 
 
 def _file_names(rows: list[Row]) -> list[str]:
@@ -610,7 +836,7 @@ def _file_names(rows: list[Row]) -> list[str]:
 def summary_markdown(row: Row) -> str:
     total = row.total
     lines = [f"# {row.student}" + (f" — {row.lesson.name}" if row.lesson and row.lesson.name else ""), "",
-             f"- notebook: `{row.notebook}`",
+             f"- notebook: `{row.notebook}` (sha256 `{row.sha256}`)",
              f"- score: {row.passed}/{total}" + (f" ({row.passed / total:.0%})" if total else ""),
              f"- status: {row.status}" + (f" — {row.error}" if row.error else ""), ""]
     if row.lesson and row.lesson.checks:
@@ -623,17 +849,19 @@ def summary_markdown(row: Row) -> str:
     return "\n".join(lines) + "\n"
 
 
+
+
 def write_summaries(rows: list[Row], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for row, name in zip(rows, _file_names(rows)):
-        (folder / f"{name}.md").write_text(summary_markdown(row), encoding="utf-8")
+    with _atomic_folder(folder) as temporary:
+        for row, name in zip(rows, _file_names(rows)):
+            (temporary / f"{name}.md").write_text(summary_markdown(row), encoding="utf-8")
 
 
 def write_executed(rows: list[Row], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for row, name in zip(rows, _file_names(rows)):
-        if row.executed is not None:
-            nbformat.write(row.executed, folder / f"{name}.ipynb")
+    with _atomic_folder(folder) as temporary:
+        for row, name in zip(rows, _file_names(rows)):
+            if row.executed is not None:
+                nbformat.write(row.executed, temporary / f"{name}.ipynb")
 
 
 def _interrupt(signum, frame):
@@ -642,46 +870,72 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labkit.grade", description=(
-        "Run each submitted notebook in its own kernel and collect the checks' results into a gradebook."))
+        "Run each submitted notebook in its own sandbox and judge its functions outside it; "
+        "collect the results into a gradebook."))
     parser.add_argument("submissions", nargs="+", type=Path,
                         help=".ipynb files or folders of them (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="the gradebook to write (CSV)")
     parser.add_argument("--lessons", type=Path, help="a lesson notebook or a folder of them, whose check "
-                        "calls define the checks (default: ./solutions or the one next to labkit)")
+                        "calls define the checks (default: ./solutions or the one next to labkit; the "
+                        "student notebooks serve as well)")
     parser.add_argument("--jobs", type=int, default=cores(),
-                        help="submissions run in parallel, one kernel each (default: the number of cores)")
+                        help="submissions run in parallel, one sandbox each (default: the number of cores)")
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT,
                         help=f"seconds a notebook's cells may run in all; its checks get as long "
                              f"again (default {DEFAULT_TIMEOUT})")
     parser.add_argument("--memory", type=int, default=DEFAULT_MEMORY_MB,
-                        help=f"address-space limit of each kernel in MB, 0 for none "
-                             f"(default {DEFAULT_MEMORY_MB})")
+                        help=f"MB of memory for each sandbox, all its processes and its /tmp and /dev/shm "
+                             f"together, and the kernel's address-space limit; 0 for none (default {DEFAULT_MEMORY_MB})")
+    parser.add_argument("--pids", type=int, default=DEFAULT_PIDS,
+                        help=f"processes and threads of each sandbox (default {DEFAULT_PIDS})")
+    parser.add_argument("--tmpfs", type=int, default=DEFAULT_TMPFS_MB,
+                        help=f"MB of each sandbox's /tmp and of its /dev/shm (default {DEFAULT_TMPFS_MB})")
     parser.add_argument("--max-output", type=int, default=DEFAULT_MAX_OUTPUT_KB,
                         help=f"KB of outputs kept per notebook (default {DEFAULT_MAX_OUTPUT_KB})")
+    parser.add_argument("--max-notebook", type=int, default=DEFAULT_MAX_NOTEBOOK_MB,
+                        help=f"MB a submitted file may have (default {DEFAULT_MAX_NOTEBOOK_MB})")
+    parser.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
+                        help="bwrap: bubblewrap or fail; none: no sandbox (an explicit choice); auto (default): "
+                             "bwrap when it works here, else none with a loud warning")
+    parser.add_argument("--no-cgroups", action="store_true",
+                        help="only the fallback limits (RLIMIT_AS, tmpfs sizes, a watchdog on memory and "
+                             "processes), as on a host without cgroup v1: to test the fallback")
     parser.add_argument("--summary", type=Path,
                         help="also write one Markdown page per submission with its hints here")
     parser.add_argument("--executed", type=Path, help="also keep the executed notebooks here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.timeout < 1 or args.memory < 0 or args.max_output < 1:
-        parser.error("--jobs and --timeout must be at least 1, --memory at least 0, --max-output at least 1")
+    if args.jobs < 1 or args.timeout < 1 or args.memory < 0 or args.max_output < 1 or args.pids < 16 \
+            or args.tmpfs < 1 or args.max_notebook < 1:
+        parser.error("--jobs, --timeout, --max-output, --tmpfs and --max-notebook must be at least 1, "
+                     "--memory at least 0, --pids at least 16")
     if args.lessons and not args.lessons.exists():
         parser.error(f"no lesson notebook or folder at {args.lessons}")
     if not args.lessons and default_lessons() is None:
         print("warning: no lesson notebooks found (--lessons): each submission is graded on the checks "
               "it calls itself, so deleting a check call goes unnoticed", file=sys.stderr)
-    options = Options(args.timeout, args.memory, args.max_output, args.jobs, keep_executed=bool(args.executed))
-    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a hub's culler: stop every kernel too
+    outputs = [p.resolve() for p in (args.out, args.summary, args.executed) if p]
+    for given in args.submissions:
+        if any(o == given.resolve() or given.resolve() in o.parents for o in outputs):
+            parser.error(f"the outputs must not be inside the submissions ({given})")
+    options = Options(args.timeout, args.memory, args.max_output, args.jobs, keep_executed=bool(args.executed),
+                      sandbox=args.sandbox, pids=args.pids, tmpfs_mb=args.tmpfs, max_notebook_mb=args.max_notebook,
+                      cgroups=not args.no_cgroups)
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a hub's culler: stop every sandbox too
     started = time.monotonic()
     try:
         rows = grade(args.submissions, lessons=args.lessons, options=options, progress=not args.no_progress)
     except FileNotFoundError as err:
         parser.error(str(err))
+    except RuntimeError as err:
+        parser.error(str(err))
     except KeyboardInterrupt:
-        print("interrupted: every kernel was stopped, no gradebook written", file=sys.stderr)
+        print(f"interrupted: every sandbox was stopped; nothing was written, {args.out} is as it was",
+              file=sys.stderr)
         return 130
     if not rows:
         parser.error("no .ipynb files in " + ", ".join(map(str, args.submissions)))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the files are written now; a few ms, then done
     write_gradebook(rows, args.out)
     if args.summary:
         write_summaries(rows, args.summary)

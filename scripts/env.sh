@@ -66,6 +66,14 @@ ensure_chromium() {
   apt_install chromium || echo "labkit: could not install chromium here; tests/test_browser.py will be skipped" >&2
 }
 
+# The sandboxed grader (labkit.grade, tests/test_grade_redteam.py) runs each submission in
+# bubblewrap; without it the grader warns and the red-team tests are skipped.
+ensure_bubblewrap() {
+  command -v bwrap >/dev/null && return
+  echo "labkit: bwrap not found; installing the Debian package bubblewrap (for the sandboxed grader)" >&2
+  apt_install bubblewrap || echo "labkit: could not install bubblewrap here; the grader's sandbox tests will be skipped" >&2
+}
+
 # apt-get install PACKAGE when we are root or have password-less sudo; fails otherwise.
 apt_install() {
   local sudo=""
@@ -76,7 +84,7 @@ apt_install() {
 
 case "${1:-}" in
   setup) setup ;;
-  # only the tests need a browser; `make lab` does not install one
-  run) shift; setup; if [ "${1:-}" = pytest ]; then ensure_chromium; fi; exec "$PY" -m "$@" ;;
+  # only the tests need a browser and bubblewrap; `make lab` does not install them
+  run) shift; setup; if [ "${1:-}" = pytest ]; then ensure_chromium; ensure_bubblewrap; fi; exec "$PY" -m "$@" ;;
   *) echo "usage: bash scripts/env.sh setup | run MODULE [ARGS...]" >&2; exit 2 ;;
 esac

@@ -128,3 +128,16 @@ def test_batches():
     assert _core.batches(5, None) == [slice(0, 5)]
     with pytest.raises(ValueError):
         _core.batches(5, 0)
+
+
+def test_gradient_methods_work_under_an_outer_no_grad(random_cnn):
+    """A notebook may leave gradients off (torch.no_grad() around a cell, set_grad_enabled(False)):
+    labkit's gradient methods give the same result and leave the mode as it was."""
+    x = torch.rand(2, 1, 28, 28)
+    target = torch.tensor([1, 2])
+    for method in (labkit.attribution.gradient, labkit.attribution.integrated_gradients,
+                   labkit.attribution.gradcam, labkit.attribution.guided_backprop):
+        expected = method(random_cnn, x, target)
+        with torch.no_grad():
+            assert torch.allclose(method(random_cnn, x, target), expected), method.__name__
+            assert not torch.is_grad_enabled()

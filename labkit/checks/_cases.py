@@ -38,6 +38,20 @@ class Cubic(nn.Module):
         return flat.pow(3) @ self.cubic.T + flat @ self.linear.T
 
 
+class Recording(nn.Module):
+    """A model that keeps a copy of every batch it is called on (in ``seen``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.seen: list[torch.Tensor] = []
+        self.train(model.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return self.model(x)
+
+
 def draw(generator: torch.Generator, low: int, high: int) -> int:
     """An int in [low, high]."""
     return int(torch.randint(low, high + 1, (1,), generator=generator))

@@ -688,35 +688,83 @@ def _check(spec: Spec, student, seed: int) -> None:
     forbidden = set() if _ACCEPT_REFERENCE else _code_objects([spec.reference, *spec.forbidden])
     if _code_objects([student]) & forbidden:
         raise Failure(REFUSED)
-    names = list(inspect.signature(spec.reference).parameters)
-    from .. import get_device
-    device = get_device()
-    with _isolated_random_state(seed, device), _one_thread():
-        generator = torch.Generator().manual_seed(seed)
-        cases = spec.cases(generator)
-        for case in cases:
-            case.args = tuple(a.to(device) if isinstance(a, (torch.Tensor, nn.Module)) else a
-                              for a in case.args)
+    names = argument_names(spec)
+    with case_context(seed):
+        for case in cases_for(spec, seed):
             _check_case(spec, student, case, names, forbidden)
 
 
-def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
-    match = spec.match or (lambda a, b, c: close(a, b))
-    where = f" (on {case.describe})" if case.describe else ""
+def argument_names(spec: Spec) -> list[str]:
+    """The names of the exercise's arguments (for hints about a changed input)."""
+    return list(inspect.signature(spec.reference).parameters)
+
+
+@contextlib.contextmanager
+def case_context(seed: int):
+    """The random state and thread count a check's cases are made and judged under."""
+    from .. import get_device
+    with _isolated_random_state(seed, get_device()), _one_thread():
+        yield
+
+
+def cases_for(spec: Spec, seed: int) -> list[Case]:
+    """The check's fresh inputs for ``seed``, on labkit's device; made inside
+    ``case_context(seed)`` they are the same for the same seed."""
+    from .. import get_device
+    device = get_device()
+    cases = spec.cases(torch.Generator().manual_seed(seed))
+    for case in cases:
+        case.args = tuple(a.to(device) if isinstance(a, (torch.Tensor, nn.Module)) else a
+                          for a in case.args)
+    return cases
+
+
+def prepare_case(spec: Spec, case: Case):
+    """The reference's answer and the state of the model and inputs before the student's code
+    runs: ``(ref, before)`` for :func:`judge_case`."""
     ref = spec.reference(*case.args, **case.kwargs)
     if case.reset is not None:
         case.reset()
+    model_before = _model_snapshot(case.model) if case.model is not None else None
+    return ref, (model_before, _input_snapshot(case))
+
+
+def call_student(student, case: Case, forbidden: set = frozenset()):
+    """The student's output on ``case``; a :class:`Failure` with the hint (naming the case) when
+    their code raises."""
+    try:
+        return _run_student(student, case, forbidden)
+    except Failure as failure:
+        if str(failure) in (NOT_IMPLEMENTED, REFUSED) or str(failure).startswith("not implemented"):
+            raise
+        raise Failure(f"{failure}{_where(case)}") from None
+
+
+def _where(case: Case) -> str:
+    return f" (on {case.describe})" if case.describe else ""
+
+
+def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
+    ref, before = prepare_case(spec, case)
     with _counting_rows(case.model if spec.steps else None) as rows:
-        model_before = _model_snapshot(case.model) if case.model is not None else None
-        inputs_before = _input_snapshot(case)
-        try:
-            out = _run_student(student, case, forbidden)
-        except Failure as failure:
-            if str(failure) in (NOT_IMPLEMENTED, REFUSED) or str(failure).startswith("not implemented"):
-                raise
-            raise Failure(f"{failure}{where}") from None
-        changed = (_model_changes(model_before, case.model) if model_before else None) \
-            or _input_changes(inputs_before, case, names)
+        out = call_student(student, case, forbidden)
+    judge_case(spec, case, ref, before, out, names, student=student, forbidden=forbidden, rows=rows)
+
+
+def judge_case(spec: Spec, case: Case, ref, before, out, names, *, student=None,
+               forbidden: set = frozenset(), rows=None) -> None:
+    """Raise a :class:`Failure` with the hint unless ``out``, the student's output on ``case``
+    (whose model and inputs are now as the student's code left them), is right.
+
+    ``student`` and ``rows`` (how many images the model saw) allow two more diagnoses: a batch
+    that is wrong while each image alone is right (the student's function is called again), and
+    a gradient computed once in an iterative method. The sandboxed grader judges outside the
+    student's process and passes neither; its hints are then the less specific ones."""
+    match = spec.match or (lambda a, b, c: close(a, b))
+    where = _where(case)
+    model_before, inputs_before = before
+    changed = (_model_changes(model_before, case.model) if model_before else None) \
+        or _input_changes(inputs_before, case, names)
     if changed:
         raise Failure(changed + where)
     hint = type_hint(out, ref)
@@ -750,11 +798,11 @@ def _check_case(spec: Spec, student, case: Case, names, forbidden) -> None:
         hint = constraint(out, case)
         if hint:
             raise Failure(hint + where)
-    if spec.steps:
+    if spec.steps and rows is not None:
         hint = _steps_hint(spec, case, names, out, match, rows)
         if hint:
             raise Failure(hint + where)
-    hint = _batch_dependence_hint(spec, student, case, ref, match, forbidden)
+    hint = student is not None and _batch_dependence_hint(spec, student, case, ref, match, forbidden)
     if hint:
         raise Failure(hint + where)
     inputs = {name: arg for name, arg in zip(names, case.args)

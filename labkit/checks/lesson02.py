@@ -8,29 +8,14 @@ the result is the average gradient over exactly those noisy copies.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from .. import attribution
 from . import _engine
-from ._cases import describe, draw, images, tiny_cnn
+from ._cases import Recording, describe, draw, images, tiny_cnn
 from ._engine import Case, Mistake, Spec
 from .lesson01 import logit_gradient, probability_gradient
 
 __all__ = ["check_smoothgrad", "check_integrated_gradients"]
-
-
-class Recording(nn.Module):
-    """A model that keeps a copy of every batch it is called on (in ``seen``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.seen: list[torch.Tensor] = []
-        self.train(model.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen.append(x.detach().clone())
-        return self.model(x)
 
 
 def _smoothgrad_cases(generator: torch.Generator) -> list[Case]:

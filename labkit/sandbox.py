@@ -1,0 +1,465 @@
+"""The walls around one graded submission: bubblewrap, cgroup limits, and labkit's view inside.
+
+A submission's notebook runs in ``bwrap`` (bubblewrap, Debian package ``bubblewrap``) with new
+PID, network, IPC, UTS, mount and user-or-cgroup namespaces, ``--die-with-parent``,
+``--new-session`` and every capability dropped. It sees, read-only: ``/usr`` (and the
+``/bin``, ``/lib`` links), a few files of ``/etc``, the Python environment, the Fashion-MNIST
+and labkit caches, and :func:`build_view`'s copy of labkit; writable: a private ``/tmp`` and
+``/dev/shm`` (tmpfs, size-capped), nothing else. The instructor's tree (``solutions/``, other
+submissions, the gradebook, output folders, the grader's labkit) is not mounted.
+
+Memory and processes are capped for the whole sandbox with cgroups v1 where the grader may
+create them (:class:`Limits`): ``memory.limit_in_bytes`` counts every process of it and its
+tmpfs pages (``/tmp``, ``/dev/shm``); ``pids.max`` caps its processes and threads. Without
+them (no cgroup v1 hierarchy we may write to) the fallback is each kernel's ``RLIMIT_AS``, the
+tmpfs ``size=`` caps, and a watchdog in the grader that sums the resident memory and counts the
+processes of the sandbox every half second and kills it past the limits.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+LABKIT_DIR = Path(__file__).resolve().parent
+VIEW_ROOT = "/opt/labkit-view"  # where labkit's copy appears inside the sandbox
+IO_DIR = "/labkit-io"  # the grader's inputs, read-only inside
+WORK_DIR = "/tmp/work"
+OUT_DIR = "/labkit-out"  # a tmpfs of its own: a notebook that fills /tmp still gets its answers out
+OUT_BYTES = 64 * 2**20
+CACHE_ROOT = "/opt/labkit-cache"
+ETC_FILES = ("passwd", "group", "hosts", "nsswitch.conf", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
+             "localtime", "fonts", "ssl/certs", "alternatives", "mime.types")
+
+
+def bwrap_path() -> str | None:
+    return shutil.which("bwrap")
+
+
+def bwrap_works() -> str | None:
+    """None when bubblewrap can build a sandbox here, else why not."""
+    import subprocess
+    path = bwrap_path()
+    if path is None:
+        return "bubblewrap (bwrap) is not installed"
+    try:
+        done = subprocess.run([path, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent",
+                               "--cap-drop", "ALL", "--", "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"bwrap could not run: {err}"
+    return None if done.returncode == 0 else f"bwrap cannot create namespaces here: {done.stderr.strip()[:200]}"
+
+
+# ---------------------------------------------------------------- what the sandbox may see
+
+def _mounts() -> list[str]:
+    """bwrap arguments for the system, the Python environment and the data, all read-only."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        path = Path("/") / name
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), str(path)]
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    prefixes = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.exec_prefix).resolve()}
+    for prefix in sorted(prefixes):
+        if not str(prefix).startswith("/usr"):
+            args += ["--ro-bind", str(prefix), str(prefix)]
+    executable = Path(sys.executable)
+    if not any(executable.is_relative_to(p) for p in prefixes) and not str(executable).startswith("/usr"):
+        args += ["--ro-bind", str(executable.parent), str(executable.parent)]
+    for path in _data_dirs():
+        args += ["--ro-bind-try", str(path), str(path)]
+    cache = _labkit_cache()
+    if cache is not None:  # at a path of its own: the grader's home folder does not appear
+        args += ["--ro-bind", str(cache), f"{CACHE_ROOT}/labkit"]
+    args += ["--ro-bind-try", "/var/lib/dpkg", "/var/lib/dpkg"]  # labkit.data asks dpkg where the data are
+    return args
+
+
+def _data_dirs() -> list[Path]:
+    """Fashion-MNIST where ``$LABKIT_DATA`` puts it (the Debian package's is under /usr)."""
+    return [Path(os.environ["LABKIT_DATA"]).resolve()] if os.environ.get("LABKIT_DATA") else []
+
+
+def _labkit_cache() -> Path | None:
+    """labkit's cache of decoded data (``labkit.data``), which notebooks read."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "labkit"
+    return cache.resolve() if cache.is_dir() else None
+
+
+def sandbox_env(threads: int) -> dict:
+    """The environment inside: nothing of the grader's but the paths Python and the data need."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
+           "HOME": "/tmp/home", "TMPDIR": "/tmp", "LANG": "C.UTF-8", "PYTHONPATH": VIEW_ROOT,
+           "PYTHONDONTWRITEBYTECODE": "1", "MPLBACKEND": "agg", "MPLCONFIGDIR": "/tmp/home/matplotlib",
+           "JUPYTER_RUNTIME_DIR": "/tmp/home/jupyter", "IPYTHONDIR": "/tmp/home/ipython",
+           "XDG_CACHE_HOME": CACHE_ROOT, "CUDA_VISIBLE_DEVICES": "", "LABKIT_DEVICE": "cpu",
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MALLOC_ARENA_MAX": "2",
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    if os.environ.get("LABKIT_DATA"):
+        env["LABKIT_DATA"] = str(Path(os.environ["LABKIT_DATA"]).resolve())
+    if os.environ.get("VIRTUAL_ENV"):
+        env["VIRTUAL_ENV"] = os.environ["VIRTUAL_ENV"]
+    return env
+
+
+def bwrap_command(view: Path, io: Path, tmpfs_bytes: int, command: list[str]) -> list[str]:
+    """The bwrap command line that runs ``command`` in the sandbox."""
+    return [bwrap_path(), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--hostname", "sandbox", *_mounts(),
+            "--proc", "/proc", "--dev", "/dev",
+            "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
+            "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm",
+            "--size", str(OUT_BYTES), "--tmpfs", OUT_DIR,
+            "--ro-bind", str(view), VIEW_ROOT, "--ro-bind", str(io), IO_DIR,
+            "--dir", WORK_DIR, "--dir", "/tmp/home",
+            # the root and /dev are tmpfs that bwrap made: read-only once the mounts are in place
+            "--remount-ro", "/dev", "--remount-ro", "/",
+            "--chdir", WORK_DIR, "--", *command]
+
+
+# ---------------------------------------------------------------- labkit as the sandbox sees it
+
+CHECKS_STUB = '''"""labkit.checks while a submission is graded: the checks run in the grader, outside this
+kernel, on the functions this notebook defines; here they only say so."""
+
+
+def __getattr__(name):
+    if name.startswith("check_"):
+        def check(*args, **kwargs):
+            print(f"{name}: graded by labkit.grade, outside this kernel")
+        check.__name__ = name
+        return check
+    raise AttributeError(f"module 'labkit.checks' has no attribute {name!r}")
+
+
+def results():
+    return []
+
+
+def clear_results():
+    pass
+'''
+
+
+def _functions(tree: ast.Module):
+    """``(qualname, node)`` of the module's functions and its classes' methods."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    yield f"{node.name}.{item.name}", item
+
+
+def _names_used(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | \
+           {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
+
+def _call_graph(root: Path):
+    """Over labkit's own files (not the checks): ``{(file, qualname): (node, names it uses)}``
+    and ``{simple name: {(file, qualname)}}``; calls are matched by name (an over-approximation)."""
+    functions, by_name = {}, {}
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith("checks/"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for qualname, node in _functions(tree):
+            functions[(relative, qualname)] = (node, _names_used(node))
+            by_name.setdefault(qualname.rsplit(".", 1)[-1], set()).add((relative, qualname))
+    return functions, by_name
+
+
+def _closure(start, functions, by_name) -> set:
+    seen, todo = set(start), list(start)
+    while todo:
+        key = todo.pop()
+        for name in functions[key][1]:
+            for callee in by_name.get(name, ()):
+                if callee not in seen:
+                    seen.add(callee)
+                    todo.append(callee)
+    return seen
+
+
+def _computes_gradients(node: ast.AST) -> bool:
+    source = ast.unparse(node)
+    return "autograd.grad(" in source or ".backward(" in source
+
+
+def labkit_names_used(sources: list[str]) -> set[str]:
+    """The labkit functions a lesson notebook uses by name: ``attribution.sanity_check``,
+    ``labkit.plot.heatmap``, ``from labkit.attribution import gradient`` (their last names)."""
+    names = set()
+    for source in sources:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        aliases = {"labkit"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "labkit":
+                for alias in node.names:
+                    aliases.add(alias.asname or alias.name)
+                    names.add(alias.name)
+            elif isinstance(node, ast.Import):
+                aliases.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == "labkit")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                base = node.value
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                if isinstance(base, ast.Name) and base.id in aliases:
+                    names.add(node.attr)
+    return names
+
+
+def reference_functions(specs) -> set:
+    """``(file relative to labkit, qualname)`` of the graded references that live outside the checks."""
+    keys = set()
+    for spec in specs:
+        function = getattr(spec.reference, "__func__", spec.reference)
+        try:
+            path = Path(function.__code__.co_filename).resolve()
+            relative = path.relative_to(LABKIT_DIR).as_posix()
+        except (AttributeError, ValueError):
+            continue
+        if not relative.startswith("checks/"):
+            keys.add((relative, function.__qualname__))
+    return keys
+
+
+def _function(key):
+    import importlib
+    relative, qualname = key
+    module = importlib.import_module("labkit." + relative[:-3].replace("/", ".").removesuffix(".__init__"))
+    function = module
+    for part in qualname.split("."):
+        function = getattr(function, part)
+    return function
+
+
+def _gives_the_answer(function, spec) -> bool:
+    """Whether ``function`` called on a check's inputs returns the reference's answer (itself
+    or as the first item it returns): a labkit helper the reference merely wraps."""
+    from .checks import _engine
+    with _engine.case_context(0):
+        for case in _engine.cases_for(spec, 0)[:1]:
+            try:
+                expected = spec.reference(*case.args, **case.kwargs)
+                out = function(*case.args, **case.kwargs)
+            except Exception:
+                return False
+            out = out[0] if isinstance(out, tuple) and out else out
+            return bool(_engine.torch.is_tensor(out) and _engine.close(out, expected))
+    return False
+
+
+def plan_view(specs, notebook_sources: list[str], root: Path = LABKIT_DIR):
+    """Which labkit functions the sandbox's copy leaves out for a lesson: ``(removed, kept)``.
+
+    Removed: the references of the lesson's checks, and every labkit function they reach that
+    takes a gradient and, called on a check's inputs, returns the reference's answer
+    (``_core.input_gradient`` for ``attribution.gradient``): what a "wrapper around labkit's own
+    function" would call. Kept although they would be removed: those the lesson notebook itself
+    uses, or reaches through what it uses (the student's notebook must run).
+    """
+    functions, by_name = _call_graph(root)
+    answers = set()
+    for spec in specs:
+        references = {key for key in reference_functions([spec]) if key in functions}
+        answers |= references
+        for key in _closure(references, functions, by_name) - references:
+            if _computes_gradients(functions[key][0]) and _gives_the_answer(_function(key), spec):
+                answers.add(key)
+    used = {key for name in labkit_names_used(notebook_sources) for key in by_name.get(name, ())}
+    needed = _closure(used, functions, by_name)
+    return answers - needed, answers & needed
+
+
+class _Stub(ast.NodeTransformer):
+    def __init__(self, qualnames: set[str], lesson: str):
+        self.qualnames, self.lesson, self.prefix = qualnames, lesson, []
+
+    def visit_ClassDef(self, node):
+        self.prefix.append(node.name)
+        self.generic_visit(node)
+        self.prefix.pop()
+        return node
+
+    def visit_FunctionDef(self, node):
+        qualname = ".".join([*self.prefix, node.name])
+        if qualname in self.qualnames:
+            message = (f"labkit's {qualname} is not available while lesson {self.lesson} is graded: "
+                       f"it computes one of the lesson's exercises; write your own")
+            node.body = [ast.Raise(ast.Call(ast.Name("RuntimeError", ast.Load()), [ast.Constant(message)], []), None)]
+            node.decorator_list = [d for d in node.decorator_list if not _is_contextmanager(d)]
+        return node
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+
+def _is_contextmanager(decorator: ast.expr) -> bool:
+    return ast.unparse(decorator).endswith("contextmanager")
+
+
+def build_view(folder: Path, removed: set, lesson: str) -> Path:
+    """A copy of labkit under ``folder/labkit`` for the sandbox: the checks replaced by
+    :data:`CHECKS_STUB` (no references, no mistakes; only the engine and the case builders that
+    rebuild the grader's inputs), and the ``removed`` functions replaced by a ``RuntimeError``."""
+    target = folder / "labkit"
+    shutil.copytree(LABKIT_DIR, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in (target / "checks").glob("*.py"):
+        if path.name not in ("_engine.py", "_cases.py"):
+            path.unlink()
+    (target / "checks" / "__init__.py").write_text(CHECKS_STUB, encoding="utf-8")
+    by_file = {}
+    for relative, qualname in removed:
+        by_file.setdefault(relative, set()).add(qualname)
+    for relative, qualnames in by_file.items():
+        path = target / relative
+        tree = _Stub(qualnames, lesson).visit(ast.parse(path.read_text(encoding="utf-8")))
+        path.write_text(ast.unparse(ast.fix_missing_locations(tree)) + "\n", encoding="utf-8")
+    for path in [folder, *folder.rglob("*")]:  # read-only for everyone, also outside the sandbox
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return target
+
+
+# ---------------------------------------------------------------- memory and process caps
+
+def _own_cgroup(controller: str) -> Path | None:
+    """Our cgroup v1 directory for ``controller`` when we may create children in it."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controller in controllers.split(","):
+            directory = Path("/sys/fs/cgroup") / controller / path.lstrip("/")
+            if directory.is_dir() and os.access(directory, os.W_OK):
+                return directory
+    return None
+
+
+class Limits:
+    """A memory and a pids cgroup (v1) for one sandbox, or the watchdog's numbers without them."""
+
+    def __init__(self, name: str, memory_bytes: int, pids: int, use_cgroups: bool = True):
+        self.memory_bytes, self.pids, self.groups = memory_bytes, pids, []
+        if not use_cgroups:
+            return
+        try:
+            for controller, settings in (("memory", {"memory.limit_in_bytes": memory_bytes,
+                                                     "memory.memsw.limit_in_bytes": memory_bytes,
+                                                     "memory.swappiness": 0}),
+                                         ("pids", {"pids.max": pids})):
+                parent = _own_cgroup(controller)
+                if parent is None:
+                    raise OSError(f"no writable {controller} cgroup")
+                group = parent / name
+                group.mkdir()
+                self.groups.append(group)
+                for setting, value in settings.items():
+                    if memory_bytes <= 0 and setting.startswith("memory."):
+                        continue
+                    try:
+                        (group / setting).write_text(str(value))
+                    except OSError:
+                        if setting == "memory.limit_in_bytes" or setting == "pids.max":
+                            raise
+        except OSError:
+            self.close()
+            self.groups = []
+
+    @property
+    def cgroups(self) -> bool:
+        return len(self.groups) == 2
+
+    def wrap(self, command: list[str]) -> list[str]:
+        """``command`` started inside the cgroups (a shell moves itself in, then execs)."""
+        if not self.cgroups:
+            return command
+        script = 'for g in "$@"; do [ "$g" = -- ] && break; echo $$ > "$g/cgroup.procs" || exit 97; done; ' \
+                 'while [ "$1" != -- ]; do shift; done; shift; exec "$@"'
+        return ["/bin/sh", "-c", script, "sh", *map(str, self.groups), "--", *command]
+
+    def hit_memory(self) -> bool:
+        """Whether the kernel killed a process of the sandbox for memory (``oom_kill`` in
+        ``memory.oom_control``; ``failcnt`` stays 0 on some kernels) or an allocation failed."""
+        for group in self.groups:
+            if "memory" not in group.parts:
+                continue
+            try:
+                control = dict(line.split() for line in (group / "memory.oom_control").read_text().splitlines())
+                if int(control.get("oom_kill", 0)) > 0 or int((group / "memory.failcnt").read_text()) > 0:
+                    return True
+            except (OSError, ValueError):
+                pass
+        return False
+
+    def kill_all(self) -> None:
+        for group in self.groups:
+            for _ in range(20):
+                try:
+                    pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+                except (OSError, ValueError):
+                    break
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self.kill_all()
+        for group in self.groups:
+            for _ in range(50):
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc), for the watchdog."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def usage(pid: int) -> tuple[int, int]:
+    """(resident bytes, tasks) of ``pid`` and its descendants: the watchdog's measure."""
+    page, resident, tasks = os.sysconf("SC_PAGE_SIZE"), 0, 0
+    for process in descendants(pid):
+        try:
+            resident += int(Path(f"/proc/{process}/statm").read_text().split()[1]) * page
+            tasks += len(os.listdir(f"/proc/{process}/task"))
+        except (OSError, IndexError, ValueError):
+            pass
+    return resident, tasks

@@ -1,0 +1,128 @@
+"""What crosses the sandbox wall (labkit._exchange), for every check of every lesson, in one process:
+the grader's inputs encoded as arrays and JSON, rebuilt as the sandbox would, the student's
+function called there, its output and side effects sent back as numbers and judged by the
+grader's engine. A correct function passes, a wrong one and a model-changing one fail with the
+engine's hints; nothing but arrays and JSON is read back."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from labkit import _exchange, grade
+from labkit.checks import _engine
+
+SPECS = grade.check_specs()
+
+
+def through_the_wall(spec, student, folder, seed=3):
+    """Make the cases, send them, run ``student`` on the rebuilt ones, judge what comes back: the hint or None."""
+    inbox, outbox = folder / "in", folder / "out"
+    inbox.mkdir(parents=True)
+    outbox.mkdir(parents=True)
+    with _engine.case_context(seed):
+        cases = _engine.cases_for(spec, seed)
+    encoded = json.loads(json.dumps(_exchange.encode_cases(cases, _exchange.Arrays(inbox))))
+    inputs, outputs, observations = _exchange.Arrays(inbox), _exchange.Arrays(outbox), []
+    for case_json in encoded:
+        args = tuple(_exchange._decode(a, inputs) for a in case_json["args"])
+        kwargs = {k: _exchange._decode(v, inputs) for k, v in case_json["kwargs"].items()}
+        try:
+            out = _engine.call_student(student, _engine.Case(args, kwargs))
+        except _engine.Failure as failure:
+            observations.append({"raised": str(failure)})
+            break
+        observations.append(_exchange._observe(out, args, outputs))
+    item = grade.Prepared(grade.CheckCall(spec.name, "f"), spec, seed, cases)
+    observations = json.loads(json.dumps(observations))
+    verdict = grade.judge([item], [{"check": spec.name, "cases": observations}], outputs)[0]
+    return None if verdict["passed"] else verdict["hint"]
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_the_reference_passes_through_the_wall(name, tmp_path):
+    spec = SPECS[name]
+    assert through_the_wall(spec, spec.reference, tmp_path) is None
+
+
+@pytest.mark.parametrize("name", ["check_gradient", "check_smoothgrad", "check_fgsm", "check_grad_cam"])
+def test_a_wrong_answer_gets_the_same_hint_as_in_the_notebook(name, tmp_path):
+    spec = SPECS[name]
+
+    def negated(*args, **kwargs):
+        return -spec.reference(*args, **kwargs)
+
+    hint = through_the_wall(spec, negated, tmp_path, seed=11)
+    with pytest.raises(_engine.Failure) as in_process, _engine.accepting_reference():
+        _engine._check(spec, negated, 11)  # the in-notebook check on the same inputs
+    assert hint and hint == str(in_process.value)
+
+
+def test_side_effects_come_back(tmp_path):
+    spec = SPECS["check_gradient"]
+
+    def trains_the_model(model, x, target):
+        model.train()
+        return spec.reference(model, x, target)
+
+    def leaves_a_hook(model, x, target):
+        model.register_forward_hook(lambda *args: None)
+        return spec.reference(model, x, target)
+
+    def changes_x(model, x, target):
+        out = spec.reference(model, x, target)
+        x.mul_(0.5)
+        return out
+
+    assert "train/eval mode" in through_the_wall(spec, trains_the_model, tmp_path / "a")
+    assert "hook" in through_the_wall(spec, leaves_a_hook, tmp_path / "b")
+    assert "changed its input `x` in place" in through_the_wall(spec, changes_x, tmp_path / "c")
+
+
+def test_what_comes_back_is_plain_numbers(tmp_path):
+    class Sneaky(torch.Tensor):
+        pass
+
+    spec = SPECS["check_gradient"]
+    outbox = tmp_path / "out"
+    outbox.mkdir()
+    x = torch.rand(2, 3)
+    observed = _exchange._observe(x.as_subclass(Sneaky).requires_grad_(False), (), _exchange.Arrays(outbox))
+    back = _exchange.returned_value(observed["out"], _exchange.Arrays(outbox), torch.device("cpu"))
+    assert type(back) is torch.Tensor and torch.equal(back, x)
+    np.save(outbox / "9.npy", np.array([object()], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        _exchange.Arrays(outbox).get("9.npy")
+    for bad in ("../etc/passwd", "x.npy", "1.npz"):
+        with pytest.raises(ValueError):
+            _exchange.Arrays(outbox).get(bad)
+    assert spec  # the check itself is untouched by any of this
+
+
+def test_a_notebooks_leftover_global_state_is_undone():
+    torch.set_grad_enabled(False)
+    torch.set_default_dtype(torch.float64)
+    try:
+        _exchange.reset_global_state()
+        assert torch.is_grad_enabled() and torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_grad_enabled(True)
+        torch.set_default_dtype(torch.float32)
+
+
+def test_a_forged_hook_count_cannot_stall_the_grader(tmp_path):
+    spec = SPECS["check_gradient"]
+    folder = tmp_path / "x"
+    folder.mkdir()
+    arrays = _exchange.Arrays(folder)
+    with _engine.case_context(1):
+        case = _engine.cases_for(spec, 1)[0]
+    _, before = _engine.prepare_case(spec, case)
+    observation = _exchange._observe(spec.reference(*case.args), case.args, arrays)
+    observation["model"]["hooks"] = 10**12
+    _exchange.apply_observation(case, observation, arrays)
+    with pytest.raises(_engine.Failure, match="hook"):
+        _engine.judge_case(spec, case, spec.reference(*case.args), before, spec.reference(*case.args),
+                           _engine.argument_names(spec))
