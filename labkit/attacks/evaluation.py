@@ -28,7 +28,7 @@ def _resolve_attack(attack):
     return attack
 
 
-def _as_tensors(data, limit=None):
+def as_tensors(data, limit=None):
     """``(images, labels)`` from an ``(images, labels)`` pair, a dataset with ``.tensors()``
     (labkit's Fashion-MNIST), a ``torch.utils.data.TensorDataset`` (whose ``.tensors`` is the
     pair itself, not a method) or any dataset of ``(image, label)`` items; the first ``limit``."""
@@ -45,6 +45,9 @@ def _as_tensors(data, limit=None):
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+_as_tensors = as_tensors  # the name labkit.train and older callers use
 
 
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
