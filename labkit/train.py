@@ -176,7 +176,7 @@ RECIPES = {
                                   "first 2 epochs"),
     # L2 training gives the perceptually aligned gradients and large-eps images of Tsipras et al.
     # 2019 / Santurkar et al. 2019 (the L-inf model's are speckled with isolated pixels).
-    "fmnist-cnn-robust-l2": dict(epochs=6, adversary=PGDAdversary(eps=1.5, step_size=1.0, steps=2, norm="l2"),
+    "fmnist-cnn-robust-l2": dict(epochs=3, adversary=PGDAdversary(eps=1.5, step_size=1.0, steps=2, norm="l2"),
                                  eps_warmup_epochs=1, weight_decay=5e-4, norm="l2", eval_eps=1.5,
                                  how="adversarial training (Madry et al. 2018) at L2 eps = 1.5, with the "
                                      "inner maximization done by 2-step L2 PGD (step 1.0) from a random "
