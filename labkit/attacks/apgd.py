@@ -59,8 +59,8 @@ def checkpoints(steps: int) -> list[int]:
 
 def _random_start(x0, eps, norm, generator):
     """A random point on the border of the eps-ball (drawn on the CPU: the same start on every device)."""
-    t = torch.rand(x0.shape, generator=generator).to(x0.device) * 2 - 1
     if norm == "linf":
+        t = torch.rand(x0.shape, generator=generator).to(x0.device) * 2 - 1
         t = t / t.flatten(1).abs().amax(dim=1).view(-1, 1, 1, 1)
     else:
         t = torch.randn(x0.shape, generator=generator).to(x0.device)

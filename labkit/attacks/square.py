@@ -106,12 +106,12 @@ def _run(model, x0, y, eps, norm, queries, p_init, generator):
         todo = (best_margin > 0).nonzero()[:, 0]  # only images not yet misclassified are queried
         if todo.numel() == 0:
             break
-        side = math.sqrt(square_fraction(i, queries, p_init) * h * w)
+        side = min(int(round(math.sqrt(square_fraction(i, queries, p_init) * h * w))), h, w)
         if norm == "linf":
-            candidate = _linf_step(x0[todo], best[todo], eps, max(int(round(side)), 1), generator)
-        else:
-            s = max(int(round(side)), 3)
-            candidate = _l2_step(x0[todo], best[todo], eps, min(s + (s % 2 == 0), h), generator)
+            candidate = _linf_step(x0[todo], best[todo], eps, max(side, 1), generator)
+        else:  # odd, at least 3: the pattern needs a centre
+            s = max(side, 3)
+            candidate = _l2_step(x0[todo], best[todo], eps, min(s + (s % 2 == 0), h, w), generator)
         with torch.no_grad():
             m = margin(logits_for(model, candidate), y[todo])
         improved = m < best_margin[todo]
