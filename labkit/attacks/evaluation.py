@@ -11,10 +11,13 @@ from tqdm.auto import tqdm
 
 from .._core import batches, check_images, check_model, check_target, logits_for, model_device, preserved
 from ._common import check_eps
+from .apgd import apgd
 from .gradient import fgsm, gradient_step, pgd
 from .minimal import deepfool
+from .square import square
 
-ATTACKS = {"fgsm": fgsm, "gradient_step": gradient_step, "pgd": pgd, "deepfool": deepfool}
+ATTACKS = {"fgsm": fgsm, "gradient_step": gradient_step, "pgd": pgd, "deepfool": deepfool, "apgd": apgd,
+           "square": square}
 
 
 def _resolve_attack(attack):
