@@ -61,13 +61,13 @@ def _samples(x: torch.Tensor, eps: float, n: int, generator) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_bounds_contain_random_and_vertex_samples(name):
     model = MODELS[name]()
-    x, _ = fixed_images(8)
+    x, _ = fixed_images(2 if name == "fmnist-cnn-robust" else 8)  # FashionCNN: 30x costlier per image
     if name == "batchnorm-avgpool":
         x = F.interpolate(x, size=12)
     generator = torch.Generator().manual_seed(0)
     for eps in (0.01, 0.05, 0.1):
         lower, upper = certify.interval_bounds(model, x, eps)
-        points = _samples(x, eps, 500, generator)  # 8 x 500 = 4,000 samples per eps
+        points = _samples(x, eps, 500, generator)  # 500 per image: 1,000 to 4,000 samples per eps
         with torch.no_grad():
             logits = model(points.flatten(0, 1)).view(len(x), 500, -1)
         slack = 1e-4 * (1 + upper.abs().max())
