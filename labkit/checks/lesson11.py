@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .. import certify, train
+from ..models import Normalize
 from . import _engine
 from ._cases import draw, images
 from ._engine import Case, Mistake, Spec
@@ -315,7 +316,6 @@ def ibp_mlp(model, x, eps):
 def tiny_mlp(shape, classes, generator) -> nn.Module:
     """Normalize (a mean and std far from 0 and 1, so where eps is applied shows) -> Flatten ->
     Linear -> ReLU -> Linear -> ReLU -> Linear; weights from the seeded global generator."""
-    from ..models import Normalize
     features, hidden = shape[0] * shape[1] * shape[2], draw(generator, 6, 16)
     mean = 0.2 + 0.3 * float(torch.rand(1, generator=generator))
     std = 0.2 + 0.2 * float(torch.rand(1, generator=generator))
