@@ -145,6 +145,22 @@ def test_evaluate_flags_gradient_masking(model, data):
     assert result.after["square"] < result.after["apgd-t"] <= result.after["apgd-ce"] <= result.clean
 
 
+class _Noisy(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) + 0.01 * torch.randn(len(x), 10)
+
+
+def test_evaluate_flags_a_randomized_model(model, data):
+    with pytest.warns(UserWarning, match="randomized"):
+        result = attacks.evaluate(_Noisy(model).eval(), data, eps=0.0, steps=2, n_targets=1, queries=2,
+                                  progress=False)
+    assert any("different outputs" in flag for flag in result.flags)
+
+
 def test_evaluate_is_the_worst_case_per_image(model, data):
     x, y = data
     result = attacks.evaluate(model, (x, y), eps=0.03, steps=5, n_targets=2, queries=20, batch_size=5,

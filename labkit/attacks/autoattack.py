@@ -48,7 +48,8 @@ def evaluate(model: nn.Module, data, eps: float, norm: str = "linf", steps: int 
     Sanity flags (as AutoAttack raises them, also issued as warnings): at ``eps = 0`` the
     final accuracy must equal the clean one; the black-box Square attack lowering the
     accuracy left by the white-box APGD attacks by more than 0.2 points signals gradient
-    masking; images with an all-zero input gradient make gradient attacks blind. (FAB-T of
+    masking; images with an all-zero input gradient make gradient attacks blind; a model whose
+    outputs change between two identical calls is randomized. (FAB-T of
     the standard AutoAttack is left out.)
     """
     check_model(model)
@@ -57,7 +58,7 @@ def evaluate(model: nn.Module, data, eps: float, norm: str = "linf", steps: int 
     x_all, y_all = _as_tensors(data, limit)
     check_images(x_all, None, name="data's images")
     device = model_device(model)
-    robust, clean_correct, zero_grad = torch.zeros(len(y_all), dtype=torch.bool), 0, 0
+    robust, clean_correct, zero_grad, randomized = torch.zeros(len(y_all), dtype=torch.bool), 0, 0, 0
     removed = {name: 0 for name in ATTACK_ORDER}
     parts = batches(len(y_all), batch_size)
     with preserved(model), tqdm(total=len(parts) * (2 + n_targets), desc=f"evaluate {norm} eps={eps:g}",
@@ -66,6 +67,7 @@ def evaluate(model: nn.Module, data, eps: float, norm: str = "linf", steps: int 
             x, y = x_all[part].to(device), y_all[part].to(device)
             with torch.no_grad():
                 logits = logits_for(model, x)
+                randomized += int(not torch.equal(logits, logits_for(model, x)))
             y = check_target(y, len(x), logits.shape[1], name="data's labels")
             if not 1 <= n_targets < logits.shape[1]:
                 raise ValueError(f"n_targets must be in [1, {logits.shape[1] - 1}], got {n_targets}")
@@ -97,7 +99,7 @@ def evaluate(model: nn.Module, data, eps: float, norm: str = "linf", steps: int 
         left -= removed[name]
         after[name] = left / n
     clean = clean_correct / n
-    flags = _flags(eps, clean, after, zero_grad, n)
+    flags = _flags(eps, clean, after, zero_grad, n, randomized)
     for flag in flags:
         warnings.warn(flag, stacklevel=2)
     return Evaluation(clean=clean, after=after, final=after[ATTACK_ORDER[-1]], flags=flags, robust=robust)
@@ -112,8 +114,11 @@ def _zero_gradients(model, x, y) -> int:
     return int((grad.flatten(1).abs().amax(dim=1) == 0).sum())
 
 
-def _flags(eps, clean, after, zero_grad, n, alpha=0.002) -> list[str]:
+def _flags(eps, clean, after, zero_grad, n, randomized, alpha=0.002) -> list[str]:
     flags = []
+    if randomized:
+        flags.append("the model gave different outputs for the same images: a randomized defence "
+                     "needs attacks with expectation over transformation (EOT), not this evaluation")
     if eps == 0 and after[ATTACK_ORDER[-1]] != clean:
         flags.append(f"at eps = 0 the attacks changed the accuracy ({100 * clean:.2f} % clean, "
                      f"{100 * after[ATTACK_ORDER[-1]]:.2f} % after them): the model is randomized or an "
