@@ -1,7 +1,8 @@
 """Standard and adversarial training: ``fit(model, train_data, epochs, adversary=None)``.
 
-``python -m labkit.train fmnist-cnn|fmnist-cnn-robust`` reproduces the shipped weights and
-writes their sha256 and model card.
+``python -m labkit.train fmnist-cnn|fmnist-cnn-robust|fmnist-cnn-robust-l2`` reproduces the shipped weights and
+writes their sha256 and model card; ``python -m labkit.train fmnist-mlp-ibp|fmnist-cnn-ibp`` does
+the same for the two models certifiably trained with interval bound propagation (IBP_RECIPES).
 """
 from __future__ import annotations
 
@@ -80,6 +81,25 @@ class ConsistencyAdversary:
         phi_clean, phi_adv = phi.chunk(2)
         mixed = self.alpha * F.cross_entropy(clean, y) + (1 - self.alpha) * F.cross_entropy(adversarial, y)
         return mixed + self.beta * (phi_clean - phi_adv).norm(dim=1).mean()
+
+
+@dataclass
+class IBPAdversary:
+    """Certified training with interval bound propagation (Gowal et al. 2018):
+    ``kappa * J(z(x), y) + (1 - kappa) * J(z_worst(x, eps), y)``, where ``z_worst_j = -m_j`` and
+    ``m_j`` is the IBP lower bound of the margin ``z_y - z_j`` over the eps-box
+    (:func:`labkit.certify.margin_lower_bounds`). As ``fit`` ramps eps from 0 (``eps_scale``
+    from 0 to 1), kappa falls with it from 1 to ``kappa``: the paper's schedule, which starts
+    as standard training and would not train at all with the full eps from the first step."""
+    eps: float
+    kappa: float = 0.5
+
+    def loss(self, model, x, y, eps_scale: float = 1.0):
+        from . import certify
+        eps, kappa = self.eps * eps_scale, 1 - (1 - self.kappa) * eps_scale
+        margins = certify.margin_lower_bounds(certify.layers(model), (x - eps).clamp(0, 1),
+                                              (x + eps).clamp(0, 1), y)
+        return kappa * F.cross_entropy(model(x), y) + (1 - kappa) * F.cross_entropy(-margins, y)
 
 
 def _logits_and_representation(model: nn.Module, x: torch.Tensor):
@@ -166,25 +186,37 @@ def fit(model: nn.Module, train_data, epochs: int, adversary=None, *, lr: float 
 
 RECIPES = {
     "fmnist-cnn": dict(epochs=15, adversary=None, eps_warmup_epochs=0, weight_decay=0.0,
+                       norm="linf", eval_eps=0.1,
                        how="standard training: cross-entropy on clean images"),
     "fmnist-cnn-robust": dict(epochs=12, adversary=PGDAdversary(eps=0.1, step_size=0.125, steps=1),
-                              eps_warmup_epochs=2, weight_decay=5e-4,
+                              eps_warmup_epochs=2, weight_decay=5e-4, norm="linf", eval_eps=0.1,
                               how="adversarial training (Madry et al. 2018) at L-inf eps = 0.1, with the "
                                   "inner maximization done by FGSM from a random start (one PGD step of "
                                   "size 1.25 eps, Wong et al. 2020), eps ramped up linearly over the "
                                   "first 2 epochs"),
+    # L2 training gives the perceptually aligned gradients and large-eps images of Tsipras et al.
+    # 2019 / Santurkar et al. 2019 (the L-inf model's are speckled with isolated pixels).
+    "fmnist-cnn-robust-l2": dict(epochs=3, adversary=PGDAdversary(eps=1.5, step_size=1.0, steps=2, norm="l2"),
+                                 eps_warmup_epochs=1, weight_decay=5e-4, norm="l2", eval_eps=1.5,
+                                 how="adversarial training (Madry et al. 2018) at L2 eps = 1.5, with the "
+                                     "inner maximization done by 2-step L2 PGD (step 1.0) from a random "
+                                     "start, eps ramped up linearly over the first epoch"),
 }
-EVAL_EPS = 0.1
+EVAL_EPS = 0.1  # the L-inf eps the shipped L-inf model is trained and evaluated at
 
 
-def _evaluate(model, test, progress):
+def _evaluate(model, test, progress, norm: str = "linf", eps: float = EVAL_EPS):
+    """Clean, one-step and PGD-40 accuracy in the recipe's threat model (the one-step attack is
+    FGSM for L-inf and one normalized-gradient step of length eps for L2)."""
     from . import seed_everything
     seed_everything(0)
+    one_step = (dict(attack=attacks.fgsm, eps=eps) if norm == "linf" else
+                dict(attack=attacks.pgd, eps=eps, step_size=eps, steps=1, norm="l2"))
     return {
         "clean": attacks.accuracy(model, test, progress=progress),
-        "fgsm": attacks.accuracy(model, test, attacks.fgsm, eps=EVAL_EPS, progress=progress),
-        "pgd40": attacks.accuracy(model, test, attacks.pgd, eps=EVAL_EPS, step_size=0.01, steps=40,
-                                  random_start=True, progress=progress),
+        "one-step": attacks.accuracy(model, test, progress=progress, **one_step),
+        "pgd40": attacks.accuracy(model, test, attacks.pgd, eps=eps, step_size=2.5 * eps / 40, steps=40,
+                                  norm=norm, random_start=True, progress=progress),
     }
 
 
@@ -192,6 +224,9 @@ def _write_card(name, recipe, history, results, seconds, device, sha, command):
     import platform
     from .models import CARDS_DIR, FashionCNN
     params = sum(p.numel() for p in FashionCNN().parameters())
+    norm, eps = recipe["norm"], recipe["eval_eps"]
+    norm_name = "L-inf" if norm == "linf" else "L2"
+    one_step_name = "FGSM" if norm == "linf" else f"one L2 gradient step of length {eps:g}"
     rows = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['train_accuracy']:.2f} % | "
                      f"{100 * h['test_accuracy']:.2f} % |" for h in history)
     card = f"""# Model card: `{name}`
@@ -211,11 +246,11 @@ def _write_card(name, recipe, history, results, seconds, device, sha, command):
 
 ## Test accuracy (10,000 Fashion-MNIST test images)
 
-| attack (L-inf, eps = {EVAL_EPS}) | accuracy |
+| attack ({norm_name}, eps = {eps:g}) | accuracy |
 |---|---|
 | none (clean) | {100 * results['clean']:.2f} % |
-| FGSM | {100 * results['fgsm']:.2f} % |
-| PGD-40, step 0.01, one random start | {100 * results['pgd40']:.2f} % |
+| {one_step_name} | {100 * results['one-step']:.2f} % |
+| PGD-40, step {2.5 * eps / 40:.4g}, one random start | {100 * results['pgd40']:.2f} % |
 
 ## Training curve
 
@@ -229,7 +264,7 @@ training the loss is the adversarial loss.
 ## Intended use and limits
 
 Teaching: attribution and adversarial-example exercises on 28 x 28 grey images. Not a
-benchmark model; robustness holds for the L-inf threat model it was trained against and was
+benchmark model; robustness holds for the {norm_name} threat model it was trained against and was
 measured with the attacks above only.
 """
     CARDS_DIR.mkdir(exist_ok=True)
@@ -246,7 +281,7 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m labkit.train",
                                      description="Reproduce labkit's shipped Fashion-MNIST weights and model cards.")
-    parser.add_argument("name", choices=sorted(RECIPES))
+    parser.add_argument("name", choices=sorted(RECIPES) + sorted(IBP_RECIPES))
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (the card says so)")
     parser.add_argument("--device", help="torch device (default: labkit.get_device())")
     parser.add_argument("--out", help="folder for weights and SHA256SUMS (default: labkit's own; "
@@ -254,6 +289,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="train and evaluate on the first N images only "
                                                  "(a smoke test; implies no model card)")
     args = parser.parse_args(argv)
+    if args.name in IBP_RECIPES:
+        return _train_ibp(args, argv)
     recipe = dict(RECIPES[args.name])
     if args.epochs:
         recipe["epochs"] = args.epochs
@@ -268,7 +305,7 @@ def main(argv=None):
                   eps_warmup_epochs=recipe["eps_warmup_epochs"], weight_decay=recipe["weight_decay"],
                   test_data=test, seed=0)
     seconds = time.perf_counter() - start
-    results = _evaluate(model, test, progress=True)
+    # Save before the (long) evaluation, so an interrupted evaluation loses no training.
     out = WEIGHTS_DIR if args.out is None else __import__("pathlib").Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.pt"
@@ -278,11 +315,132 @@ def main(argv=None):
     lines = [line for line in (sums.read_text().splitlines() if sums.is_file() else [])
              if not line.endswith(f"  {path.name}")]
     sums.write_text("\n".join(sorted(lines + [f"{sha}  {path.name}"])) + "\n")
+    print(f"{args.name}: trained in {seconds / 60:.1f} min on {device}; sha256 {sha}", flush=True)
+    results = _evaluate(model, test, progress=True, norm=recipe["norm"], eps=recipe["eval_eps"])
     command = "python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.out is None and not args.limit:
         _write_card(args.name, recipe, history, results, seconds, device, sha, command.strip())
     print(f"{args.name}: {seconds / 60:.1f} min on {device}; "
           + ", ".join(f"{k} {100 * v:.2f} %" for k, v in results.items()) + f"; sha256 {sha}")
+
+
+# --- certified (IBP) training: a separate recipe table, its own models and card ----------------
+
+IBP_RECIPES = {
+    "fmnist-mlp-ibp": dict(build="FashionMLP", epochs=8, eps=0.1, kappa=0.5, eps_warmup_epochs=4),
+    "fmnist-cnn-ibp": dict(build="SmallCNN", epochs=8, eps=0.1, kappa=0.5, eps_warmup_epochs=4),
+}
+IBP_EVAL_EPS = (0.0, 0.01, 0.02, 0.05, 0.1)
+
+
+def _save_weights(model, out, name):
+    """Weights as ``out/name.pt`` and their line in ``out/SHA256SUMS``; returns the sha256."""
+    from .models import sha256_of
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.pt"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    sha = sha256_of(path)
+    sums = out / "SHA256SUMS"
+    lines = [line for line in (sums.read_text().splitlines() if sums.is_file() else [])
+             if not line.endswith(f"  {path.name}")]
+    sums.write_text("\n".join(sorted(lines + [f"{sha}  {path.name}"])) + "\n")
+    return sha
+
+
+def _train_ibp(args, argv):
+    """``python -m labkit.train fmnist-mlp-ibp|fmnist-cnn-ibp``: IBP training (Gowal et al.
+    2018), then clean, certified (IBP) and PGD-40 accuracy on the test set, the card and sha256."""
+    import pathlib
+    import sys
+    import time
+    from . import certify, get_device, seed_everything
+    from .data import fashion_mnist
+    from .models import WEIGHTS_DIR, ibp_nets
+    recipe = dict(IBP_RECIPES[args.name])
+    if args.epochs:
+        recipe["epochs"] = args.epochs
+    device = torch.device(args.device) if args.device else get_device()
+    seed_everything(0)
+    model = getattr(ibp_nets, recipe["build"])().to(device)
+    train, test = fashion_mnist("train"), fashion_mnist("test")
+    if args.limit:
+        train, test = train.tensors(slice(0, args.limit)), test.tensors(slice(0, args.limit))
+    start = time.perf_counter()
+    history = fit(model, train, recipe["epochs"], IBPAdversary(recipe["eps"], recipe["kappa"]),
+                  eps_warmup_epochs=recipe["eps_warmup_epochs"], test_data=test, seed=0)
+    seconds = time.perf_counter() - start
+    seed_everything(0)
+    results = {"clean": attacks.accuracy(model, test, progress=False),
+               "pgd40": attacks.accuracy(model, test, attacks.pgd, eps=recipe["eps"], step_size=2.5 * recipe["eps"] / 40,
+                                         steps=40, random_start=True, progress=False),
+               **{f"certified {eps:g}": certify.certified_accuracy(model, test, eps) for eps in IBP_EVAL_EPS}}
+    out = WEIGHTS_DIR if args.out is None else pathlib.Path(args.out)
+    sha = _save_weights(model, out, args.name)
+    command = ("python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.out is None and not args.limit:
+        _write_ibp_card(args.name, model, recipe, history, results, seconds, device, sha, command)
+    print(f"{args.name}: {seconds / 60:.1f} min on {device}; "
+          + ", ".join(f"{k} {100 * v:.2f} %" for k, v in results.items()) + f"; sha256 {sha}")
+
+
+def _write_ibp_card(name, model, recipe, history, results, seconds, device, sha, command):
+    import platform
+    from .models import CARDS_DIR
+    params = sum(p.numel() for p in model.parameters())
+    layers = " -> ".join(type(m).__name__ if not isinstance(m, (nn.Linear, nn.Conv2d)) else
+                         (f"Linear {m.in_features}->{m.out_features}" if isinstance(m, nn.Linear) else
+                          f"Conv2d {m.in_channels}->{m.out_channels} {m.kernel_size[0]}x{m.kernel_size[1]} "
+                          f"stride {m.stride[0]}") for m in model.children())
+    curve = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['train_accuracy']:.2f} % | "
+                      f"{100 * h['test_accuracy']:.2f} % |" for h in history)
+    certified = "\n".join(f"| {key.split()[1]} | {100 * value:.2f} % |"
+                          for key, value in results.items() if key.startswith("certified"))
+    card = f"""# Model card: `{name}`
+
+*Written by `{command}`; every number below was measured by that run.*
+
+- **Architecture**: `labkit.models.{recipe['build']}`, {params:,} parameters: {layers}.
+  Normalization inside (mean 0.2860, std 0.3530). Input: 1 x 28 x 28 in [0, 1].
+- **Data**: Fashion-MNIST (Xiao et al. 2017), the 60,000 training images; evaluated on the
+  10,000 test images. No augmentation.
+- **Training**: certified training with interval bound propagation (Gowal et al. 2018) at
+  L-inf eps = {recipe['eps']:g}: loss kappa * CE(clean logits) + (1 - kappa) * CE(worst-case
+  logits from the IBP margin bounds), eps ramped linearly from 0 and kappa from 1 to
+  {recipe['kappa']:g} over the first {recipe['eps_warmup_epochs']} epochs. Adam, one-cycle
+  learning rate peaking at 2e-3, batch 128, {recipe['epochs']} epochs, seed 0.
+- **Trained on**: {device} ({platform.processor() or platform.machine()}, torch {torch.__version__},
+  {torch.get_num_threads()} threads) in {seconds / 60:.1f} minutes.
+- **Weights**: `labkit/models/weights/{name}.pt`, sha256 `{sha}`.
+
+## Test accuracy (10,000 Fashion-MNIST test images)
+
+| | accuracy |
+|---|---|
+| clean | {100 * results['clean']:.2f} % |
+| PGD-40 at eps = {recipe['eps']:g} (step {2.5 * recipe['eps'] / 40:.4g}, one random start): an upper bound on robust accuracy | {100 * results['pgd40']:.2f} % |
+
+Certified accuracy (`labkit.certify.certified_accuracy`, IBP margin bounds): a lower bound on
+robust accuracy, proven for every point of the L-inf box.
+
+| eps | certified |
+|---|---|
+{certified}
+
+## Training curve
+
+| epoch | loss | train accuracy | test accuracy (clean) |
+|---|---|---|---|
+{curve}
+
+The loss is the IBP training loss; train accuracy is on the clean minibatches.
+
+## Intended use and limits
+
+Teaching: certified robustness (lesson 11). Small, so IBP bounds stay tight; clean accuracy is
+well below the standard FashionCNN's, the price of certification.
+"""
+    CARDS_DIR.mkdir(exist_ok=True)
+    (CARDS_DIR / f"{name}.md").write_text(card)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,11 @@ ATTACKS = {
     "pgd-targeted-early-stop": (lambda m, x, y: attacks.pgd(m, x, _per_image_targets(y), eps=0.1, steps=3,
                                                             targeted=True, early_stop=True), "linf", 0.1),
     "deepfool": (lambda m, x, y: attacks.deepfool(m, x, steps=3), None, None),
+    "apgd-ce-linf": (lambda m, x, y: attacks.apgd(m, x, y, eps=0.05, steps=5), "linf", 0.05),
+    "apgd-t-l2": (lambda m, x, y: attacks.apgd(m, x, y, eps=1.0, norm="l2", steps=5, loss="dlr-targeted",
+                                               target=_per_image_targets(y)), "l2", 1.0),
+    "square-linf": (lambda m, x, y: attacks.square(m, x, y, eps=0.05, queries=20), "linf", 0.05),
+    "square-l2": (lambda m, x, y: attacks.square(m, x, y, eps=1.0, norm="l2", queries=20), "l2", 1.0),
 }
 
 
@@ -97,6 +102,10 @@ EVALUATIONS = {
                                                  progress=False),
     "robustness_curve": lambda m, x, y: attacks.robustness_curve(m, (x, y), "fgsm", [0, 0.1], progress=False),
     "transfer": lambda m, x, y: attacks.transfer(m, m, x, y, "fgsm", eps=0.1),
+    "evaluate": lambda m, x, y: attacks.evaluate(m, (x, y), eps=0.05, steps=2, queries=3, n_targets=2,
+                                                 progress=False),
+    "error inside evaluate": lambda m, x, y: attacks.evaluate(m, (x, torch.full_like(y, 10)), eps=0.1,
+                                                              progress=False),
     "error inside the attack": lambda m, x, y: attacks.pgd(m, x, torch.full_like(y, 10), eps=0.1, steps=2),
 }
 
@@ -110,8 +119,8 @@ def test_the_model_is_left_exactly_as_it_was(name):
     before = _snapshot(model)
     call = ATTACKS[name][0] if name in ATTACKS else EVALUATIONS[name]
     with pytest.warns(UserWarning, match="train mode"):
-        if name == "error inside the attack":
-            with pytest.raises(ValueError, match="y must be class indices"):
+        if name.startswith("error inside"):
+            with pytest.raises(ValueError, match="(y|labels) must be class indices"):
                 call(model, x, y)
         else:
             call(model, x, y)
@@ -154,6 +163,33 @@ BAD_INPUT = [
     (lambda m, x, y: attacks.robustness_curve(m, (x, y), "fgsm", [0.1, 0.1]), ValueError, "distinct"),
     (lambda m, x, y: attacks.robustness_curve(m, (x, y), "fgsm", [-0.1]), ValueError, "eps must be"),
     (lambda m, x, y: attacks.transfer(m, "victim", x, y, "fgsm", eps=0.1), TypeError, "torch.nn.Module"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=-0.1), ValueError, "eps must be a number >= 0"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, norm="L2"), ValueError, "norm must be one of"),
+    (lambda m, x, y: attacks.apgd(m, x * 2 + 0.5, y, eps=0.1), ValueError, r"\[0, 1\]"),
+    (lambda m, x, y: attacks.apgd(m, x, y + 10, eps=0.1), ValueError, r"y must be class indices in \[0, 9\]"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, loss="cw"), ValueError, "loss must be one of"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, loss="dlr-targeted"), ValueError, "needs target="),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, loss="dlr-targeted", target=y), ValueError,
+     "target must differ"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, loss="dlr-targeted", target=y + 10), ValueError,
+     r"target must be class indices in \[0, 9\]"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, target=y), ValueError, "target= is for"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, steps=0), ValueError, "steps must be an int >= 1"),
+    (lambda m, x, y: attacks.apgd(m, x, y, eps=0.1, rho=1.5), ValueError, "rho must be"),
+    (lambda m, x, y: attacks.square(m, x, y, eps=-1.0, norm="l2"), ValueError, "eps must be a number >= 0"),
+    (lambda m, x, y: attacks.square(m, x, y, eps=0.1, norm="linfinity"), ValueError, "norm must be one of"),
+    (lambda m, x, y: attacks.square(m, x - 0.5, y, eps=0.1), ValueError, r"\[0, 1\]"),
+    (lambda m, x, y: attacks.square(m, x, y - 10, eps=0.1), ValueError, r"y must be class indices in \[0, 9\]"),
+    (lambda m, x, y: attacks.square(m, x, y, eps=0.1, queries=0), ValueError, "queries must be an int >= 1"),
+    (lambda m, x, y: attacks.square(m, x, y, eps=0.1, p_init=0), ValueError, "p_init must be"),
+    (lambda m, x, y: attacks.evaluate(m, (x, y), eps=-0.1), ValueError, "eps must be a number >= 0"),
+    (lambda m, x, y: attacks.evaluate(m, (x, y), eps=0.1, norm="l1"), ValueError, "norm must be one of"),
+    (lambda m, x, y: attacks.evaluate(m, (x * 3, y), eps=0.1), ValueError, r"\[0, 1\]"),
+    (lambda m, x, y: attacks.evaluate(m, (x, y + 10), eps=0.1, progress=False), ValueError,
+     r"labels must be class indices in \[0, 9\]"),
+    (lambda m, x, y: attacks.evaluate(m, (x, y), eps=0.1, n_targets=10, progress=False), ValueError,
+     r"n_targets must be in \[1, 9\]"),
+    (lambda m, x, y: attacks.evaluate("model", (x, y), eps=0.1), TypeError, "torch.nn.Module"),
 ]
 
 

