@@ -101,10 +101,10 @@ SWEEP = Spec(
 )
 
 
-def check_sweep_flags(sweep_flags) -> None:
+def check_sweep_flags(sweep_flags) -> _engine.Result:
     """``sweep_flags(eps, accuracy, clean_accuracy, chance)``: three booleans, True where an
     eps-sweep fails a sanity test (eps = 0 equals clean, never rises, ends at chance)."""
-    _engine.run(SWEEP, sweep_flags)
+    return _engine.run(SWEEP, sweep_flags)
 
 
 # ---------------------------------------------------------------- 2. BPDA: the straight-through quantizer
@@ -168,11 +168,10 @@ BPDA = Spec(
 )
 
 
-def check_straight_through(quantize_bpda) -> None:
+def check_straight_through(quantize_bpda) -> _engine.Result:
     """``quantize_bpda(x, levels)``: quantizes in the forward pass, identity in the backward."""
     if not callable(quantize_bpda):
-        _engine.run(BPDA, quantize_bpda)
-        return
+        return _engine.run(BPDA, quantize_bpda)
     run, attached = _forward_and_gradient(quantize_bpda)
 
     def differentiable(out, case):
@@ -181,7 +180,7 @@ def check_straight_through(quantize_bpda) -> None:
                     "PGD needs a gradient, so the output must come from x through autograd")
         return None
 
-    _engine.run(dataclasses.replace(BPDA, requirements=(differentiable,)), run)
+    return _engine.run(dataclasses.replace(BPDA, requirements=(differentiable,)), run)
 
 
 # ---------------------------------------------------------------- 3. interval bound propagation
@@ -205,10 +204,9 @@ class _NotAPair:
         self.out = out
 
 
-def _run_bounds(spec: Spec, student) -> None:
+def _run_bounds(spec: Spec, student) -> _engine.Result:
     if not callable(student):
-        _engine.run(spec, student)
-        return
+        return _engine.run(spec, student)
     stacked = _stacked(student)
 
     def checked(*args):
@@ -218,7 +216,7 @@ def _run_bounds(spec: Spec, student) -> None:
             raise ValueError(f"{student.__name__} must return the pair (lower, upper) of two tensors of "
                              f"the same shape; it returned {got}")
         return out
-    _engine.run(spec, functools.wraps(student)(checked))
+    return _engine.run(spec, functools.wraps(student)(checked))
 
 
 def ibp_linear(lower, upper, weight, bias):
@@ -296,14 +294,14 @@ RELU = Spec(
 )
 
 
-def check_ibp_linear(ibp_linear) -> None:
+def check_ibp_linear(ibp_linear) -> _engine.Result:
     """``ibp_linear(lower, upper, weight, bias)``: the bounds of ``x @ weight.T + bias`` over the box."""
-    _run_bounds(LINEAR, ibp_linear)
+    return _run_bounds(LINEAR, ibp_linear)
 
 
-def check_ibp_relu(ibp_relu) -> None:
+def check_ibp_relu(ibp_relu) -> _engine.Result:
     """``ibp_relu(lower, upper)``: the bounds of ``relu(x)`` over the box."""
-    _run_bounds(RELU, ibp_relu)
+    return _run_bounds(RELU, ibp_relu)
 
 
 # ---------------------------------------------------------------- 4. a whole MLP, eps in pixel space
@@ -373,6 +371,6 @@ MLP = Spec(
 )
 
 
-def check_ibp_mlp(ibp_mlp) -> None:
+def check_ibp_mlp(ibp_mlp) -> _engine.Result:
     """``ibp_mlp(model, x, eps)``: lower and upper logit bounds over the box around ``x``."""
-    _run_bounds(MLP, ibp_mlp)
+    return _run_bounds(MLP, ibp_mlp)
