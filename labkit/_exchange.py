@@ -76,6 +76,8 @@ def _init_arguments(module: nn.Module) -> dict:
         elif hasattr(module, name):
             value = getattr(module, name)
             value = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, torch.Tensor):  # a buffer given to the constructor (Normalize's mean)
+                value = value.flatten().tolist()
             if not isinstance(value, (bool, int, float, str, list, type(None))):
                 raise Unsendable(f"{type(module).__name__}.{name} is a {type(value).__name__}")
             arguments[name] = value
