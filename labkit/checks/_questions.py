@@ -79,9 +79,9 @@ QUESTIONS = (
              hint="each row holds one image's probabilities over the ten classes: what must probabilities "
                   "over all classes add up to?"),
     # lesson 01
-    Question("q01_backward_passes", 1,
-             hint="the images of a batch do not interact: the gradient of the *sum* of their target "
-                  "logits holds each image's own gradient"),
+    Question("q01_linear_gradient", "a", choices="abc",
+             hints={"c": "that is the value f(x) itself, not how fast it changes with x"},
+             hint="differentiate w . x + b with respect to x: which term depends on x, and how?"),
     Question("q01_black_pixel", "b", choices="abc",
              hint="gradient x input multiplies each pixel's gradient by the pixel's value: what is "
                   "anything times 0?"),
@@ -160,8 +160,8 @@ QUESTIONS = (
 
 
 def _make_check(question: Question):
-    def check(answer) -> bool:
-        return question.check(answer)
+    def check(answer) -> None:  # prints and records, like every check_* (returns nothing to display)
+        question.check(answer)
     check.__name__ = check.__qualname__ = f"check_{question.name}"
     check.__doc__ = f"Concept question {question.name}: pass your answer ({'a letter' if question.choices else 'a number'})."
     return check
