@@ -153,7 +153,7 @@ QUESTIONS = (
                   "iterative attack searches the eps-ball more thoroughly"),
     # lesson 10
     Question("q10_grey_levels", 1.275, tolerance=0.3,
-             hint="pixel values in [0, 1] stand for 256 grey levels 0..255: multiply"),
+             hint="pixel values in the unit interval stand for the grey levels 0..255: multiply"),
     Question("q10_relu5_cell", 4,
              hint="a 28 x 28 image and a 7 x 7 layer: how many pixels does one cell span along a side?"),
 )
