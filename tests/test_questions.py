@@ -44,7 +44,7 @@ def test_the_answer_passes_and_others_fail_without_a_leak(q):
 
 
 @pytest.mark.parametrize("answer, message", [
-    (None, "answer with"), (True, "answer with a number"), ("many", "answer with a number"),
+    (None, "not implemented yet"), (True, "answer with a number"), ("many", "answer with a number"),
     (float("nan"), "answer with a number"), ([784], "answer with a number")])
 def test_a_number_question_says_what_it_expects(answer, message):
     passed, hint = checks._questions.QUESTIONS[0].judge(answer)
@@ -56,6 +56,7 @@ def test_a_choice_question_says_what_it_expects():
     assert "one letter as a string" in q.judge(1)[1]
     assert "one of the letters a, b, c" in q.judge("z")[1]
     assert "one of the letters" in q.judge("ab")[1]
+    assert q.judge(None)[1].startswith("not implemented yet")  # the student notebook's stub
 
 
 def test_a_question_check_prints_and_records_like_every_check(capsys):
@@ -80,7 +81,7 @@ def test_every_lesson_asks_two_to_four_questions_the_grader_counts():
             asked[call] += 1
         student = student_notebook(solution)
         for cell in student.cells:  # the student's copy has the question but not the answer
-            if cell.get("id", "").startswith("q-") and cell.cell_type == "code":
+            if cell.get("id", "").startswith("q-") and cell.get("id", "").endswith("-answer"):
                 assert "raise NotImplementedError" in cell.source
                 name = cell.id[2:-len("-answer")]
                 answer = next(q.answer for q in QUESTIONS if q.name == name)

@@ -29,7 +29,11 @@ class Question:
     tolerance: float = 0.0
 
     def judge(self, answer) -> tuple[bool, str]:
-        """``(passed, hint)`` for a student's answer."""
+        """``(passed, hint)`` for a student's answer (``None``: not answered yet)."""
+        if answer is None:
+            kind = "a letter" if self.choices else "a number"
+            return False, (f"not implemented yet: replace the `raise NotImplementedError(...)` line "
+                           f"with `{self.name} = ...`, your prediction ({kind}), run that cell, then this one")
         if self.choices:
             letters = ", ".join(self.choices)
             if not isinstance(answer, str):
