@@ -1,9 +1,9 @@
 # The two commands of the README, and a few helpers. Each sets up the environment first
 # (scripts/env.sh: ./.venv, or an active conda env named "labkit").
-.PHONY: lab test browser notebooks bench setup
+.PHONY: lab test browser notebooks bench setup wheel
 
-lab:        ## set up, then open the practicum in JupyterLab
-	bash scripts/env.sh run jupyter lab notebooks/
+lab:        ## set up, then open the practicum in JupyterLab; ARGS="--no-browser --port 8890" passes options on
+	bash scripts/env.sh lab $(ARGS)
 
 test:       ## set up, then run every test: unit tests, peers, nbval on solutions/, notebook drift
 	bash scripts/env.sh run pytest
@@ -25,6 +25,9 @@ test-gpu:   ## on a CUDA machine: every test (the gpu-marked ones compare CUDA w
 	LABKIT_TEST_DEVICE=cuda bash scripts/env.sh run pytest
 	.venv/bin/python tests/benchmarks/run.py --device cuda --csv benchmarks-cuda.csv
 	.venv/bin/python tests/benchmarks/scaling.py --device cuda --csv scaling-cuda.csv
+
+wheel:      ## dist/labkit-<version>-py3-none-any.whl (weights included): upload it next to a notebook on Colab
+	bash scripts/env.sh run pip wheel --no-deps --no-build-isolation --wheel-dir dist .
 
 setup:
 	bash scripts/env.sh setup

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 
@@ -255,10 +256,16 @@ def kernel_main(namespace: dict, inbox: str, outbox: str, workdir: str) -> None:
                                     f"notebook ({type(err).__name__}: {str(err)[:200]}): did the cell that "
                                     f"defines it run without an error?")
             continue
+        if call.get("question"):  # a concept question: the answer itself, as plain JSON
+            entry["answer"] = plain_answer(student)
+            continue
         if not callable(student):
             entry["unavailable"] = (f"`{call['arguments']}` is a {type(student).__name__} at the end of "
                                     f"the notebook: the check needs your function itself")
             continue
+        adapter = _engine.ADAPTERS.get(call.get("adapter"))
+        if adapter is not None:  # the answer is not one tensor: compared as the check compares it
+            student = adapter(student)
         for encoded in call["cases"]:
             reset_global_state()
             args = tuple(_decode(a, inputs) for a in encoded["args"])
@@ -271,6 +278,28 @@ def kernel_main(namespace: dict, inbox: str, outbox: str, workdir: str) -> None:
                 break  # as the check itself: the first failing case decides
             entry["cases"].append(_observe(out, args, outputs))
     (Path(outbox) / RESULT).write_text(json.dumps(results), encoding="utf-8")
+
+
+def plain_answer(value) -> dict:
+    """A concept question's answer as JSON: a short string, a finite number, None, or the name of
+    its type (whatever else it is, nothing of it but the name crosses the wall)."""
+    if value is None or isinstance(value, str):
+        return {"value": value if value is None else value[:100]}
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return {"value": value}
+    return {"type": type(value).__name__[:50]}
+
+
+def answer_value(encoded: dict):
+    """The answer :func:`plain_answer` sent, as :meth:`Question.judge` takes it."""
+    if "type" in encoded:
+        return type(str(encoded["type"])[:50], (_Returned,), {})()
+    value = encoded["value"]
+    if value is not None and not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ValueError("an answer is a string, a number or None")
+    return value
 
 
 # ---------------------------------------------------------------- back in the grader

@@ -340,10 +340,16 @@ def prepare(calls, specs: dict, io_dir: Path) -> list[Prepared]:
     from . import _exchange
     from .checks import _engine
     arrays, prepared, manifest = _exchange.Arrays(io_dir), [], []
+    from .checks import _questions
     for call in calls:
         spec = specs.get(call.check)
         item = Prepared(call, spec, secrets.randbits(31))
         prepared.append(item)
+        question = _questions.QUESTIONS_BY_CHECK.get(call.check)
+        if question is not None:  # the sandbox sends the answer back; it is judged here
+            item.spec = question
+            manifest.append({"check": call.check, "arguments": call.arguments, "question": True, "cases": []})
+            continue
         if spec is None:
             item.problem = f"labkit has no check named {call.check}"
             continue
@@ -354,7 +360,8 @@ def prepare(calls, specs: dict, io_dir: Path) -> list[Prepared]:
         except _exchange.Unsendable as err:
             item.problem, item.cases = f"the grader cannot send this check's inputs to the sandbox ({err})", []
             continue
-        manifest.append({"check": call.check, "arguments": call.arguments, "cases": encoded})
+        manifest.append({"check": call.check, "arguments": call.arguments, "cases": encoded,
+                         "adapter": spec.adapter})
     (io_dir / _exchange.MANIFEST).write_text(json.dumps({"seed": secrets.randbits(31), "calls": manifest}),
                                              encoding="utf-8")
     return prepared
@@ -362,6 +369,7 @@ def prepare(calls, specs: dict, io_dir: Path) -> list[Prepared]:
 
 def judge(prepared: list[Prepared], results: list, arrays) -> list[dict]:
     """The verdicts, computed here with the grader's labkit from what the sandbox sent."""
+    from . import _exchange
     verdicts, sent = [], iter(results if isinstance(results, list) else [])
     for item in prepared:
         if item.problem:
@@ -376,6 +384,9 @@ def judge(prepared: list[Prepared], results: list, arrays) -> list[dict]:
                 raise ValueError("no answer for this check")
             elif entry.get("unavailable"):
                 hint = str(entry["unavailable"])[:500]
+            elif entry.get("answer") is not None and hasattr(item.spec, "judge"):  # a concept question
+                passed, hint = item.spec.judge(_exchange.answer_value(entry["answer"]))
+                hint = None if passed else hint
             else:
                 hint = _judge_cases(item, entry.get("cases"), arrays)
         except Exception as err:  # whatever came back, malformed: a fail for this check only

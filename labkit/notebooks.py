@@ -9,7 +9,8 @@ generated from it and never edited by hand. Generating a student notebook
 - removes cells tagged ``solution-only`` (cell metadata ``tags``), e.g. answers to questions;
 - clears outputs, execution counts, execution timings and saved widget state;
 - inserts a setup cell after the title that installs labkit where the kernel cannot import it
-  (Colab, a fresh environment) and does nothing elsewhere;
+  (Colab, a fresh environment) and does nothing elsewhere: from a ``labkit-*.whl`` or
+  ``labkit-*.tar.gz`` in the notebook's folder when there is one, else from ``INSTALL_SPEC``;
 - gives the cells nbgrader's metadata (below), so that nbgrader can grade them as submissions.
 
 The output is deterministic (nbformat's stable JSON, sorted keys), so ``check`` compares bytes:
@@ -69,12 +70,18 @@ NBGRADER_SCHEMA = 3  # nbgrader 0.6 and later
 # Where Colab and other fresh environments install labkit from; one place to change.
 INSTALL_SPEC = "labkit @ git+https://github.com/OWNER/labkit"
 SETUP_CELL_ID = "labkit-setup"
+# A wheel or sdist uploaded next to the notebook (Colab: the Files panel; built by `make wheel`)
+# wins over INSTALL_SPEC, so the notebooks also work where the repository has no public address.
 SETUP_SOURCE = (
-    "# Colab or a fresh environment: install labkit when this kernel cannot import it.\n"
+    "# Colab or a fresh environment: install labkit when this kernel cannot import it, from a\n"
+    "# labkit wheel uploaded next to this notebook (`make wheel` builds it), else from the web.\n"
+    "import glob\n"
     "import importlib.util\n"
     "\n"
     "if importlib.util.find_spec(\"labkit\") is None:\n"
-    f"    %pip install --quiet \"{INSTALL_SPEC}\"\n"
+    "    uploaded = sorted(glob.glob(\"labkit-*.whl\") + glob.glob(\"labkit-*.tar.gz\"))\n"
+    f"    source = uploaded[-1] if uploaded else \"{INSTALL_SPEC}\"\n"
+    "    %pip install --quiet \"{source}\"\n"
 )
 
 

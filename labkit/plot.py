@@ -8,7 +8,10 @@ batch of ``H x W`` maps.
 The same colours throughout a lesson: images in grey (or RGB) on the fixed scale [0, 1], so
 brightness means the same in every panel; signed maps (gradients, attributions) in the
 diverging ``SIGNED_CMAP`` with limits symmetric around 0, so white is exactly zero; unsigned
-maps (saliency, Grad-CAM) in the sequential ``UNSIGNED_CMAP`` from 0.
+maps (saliency, Grad-CAM) in the sequential ``UNSIGNED_CMAP`` from 0. A map's colour limit is the
+``CLIP_PERCENTILE``-th percentile of its ``|values|``, not the maximum: gradients often have a few
+extreme pixels that would otherwise set the scale and leave every other pixel near zero (one
+hot pixel on a blank panel); the few pixels beyond the limit are shown at full colour.
 
 Figures are closed in pyplot before they are returned, so a notebook shows each exactly once as
 the value of a cell (use ``display(fig)`` elsewhere in a cell, ``fig.savefig`` in scripts).
@@ -26,6 +29,7 @@ from matplotlib.figure import Figure
 GREY_CMAP, SIGNED_CMAP, UNSIGNED_CMAP = "gray", "RdBu_r", "inferno"
 NOTEBOOK_WIDTH = 10.0  # inches: what a notebook shows without a horizontal scroll bar
 DPI = 100
+CLIP_PERCENTILE = 99.0  # the SmoothGrad paper (Smilkov et al. 2017) clips its maps at the 99th
 
 
 def _numpy(x, name: str) -> np.ndarray:
@@ -167,13 +171,19 @@ def normalize_gradient(g):
 
 def _map_norm(maps: np.ndarray, signed, same_scale: bool):
     """The colormap and one Normalize per map: symmetric around 0 for signed maps, from 0 for
-    unsigned ones; ``signed=None`` decides by whether any value is negative."""
+    unsigned ones, up to the ``CLIP_PERCENTILE``-th percentile of ``|map|`` (of all maps with
+    ``same_scale``); ``signed=None`` decides by whether any value is negative."""
     signed = bool((maps < 0).any()) if signed is None else signed
     if not signed and (maps < 0).any():
         raise ValueError(f"signed=False but the maps have negative values (down to "
                          f"{maps.min():.3g}); pass signed=True, or take the absolute value first")
-    peaks = np.abs(maps).reshape(len(maps), -1).max(axis=1)
-    peaks = np.maximum(np.full_like(peaks, peaks.max()) if same_scale else peaks, 1e-12)
+    magnitudes = np.abs(maps).reshape(len(maps), -1)
+    if same_scale:
+        magnitudes = np.broadcast_to(magnitudes.reshape(1, -1), (len(maps), magnitudes.size))
+    peaks = np.percentile(magnitudes, CLIP_PERCENTILE, axis=1)
+    # a map with fewer than 1 % non-zero values keeps its maximum, or it would show nothing
+    peaks = np.where(peaks > 0, peaks, magnitudes.max(axis=1))
+    peaks = np.maximum(peaks, 1e-12)
     norms = [Normalize(vmin=-p if signed else 0.0, vmax=p) for p in peaks]
     return (SIGNED_CMAP if signed else UNSIGNED_CMAP), norms
 
@@ -184,8 +194,9 @@ def heatmap(attr, signed=None, colorbar: bool = True, labels=None, same_scale: b
 
     Signed maps (``signed=True``, or ``None`` when some value is negative): diverging
     ``SIGNED_CMAP`` with ``vmin = -vmax``, so white is zero, red positive, blue negative.
-    Unsigned: sequential ``UNSIGNED_CMAP`` from 0. Each panel has its own limits unless
-    ``same_scale`` (needed to compare magnitudes across panels).
+    Unsigned: sequential ``UNSIGNED_CMAP`` from 0. The limit is the ``CLIP_PERCENTILE``-th
+    percentile of ``|map|``, per panel unless ``same_scale`` (needed to compare magnitudes
+    across panels).
     """
     maps = _map_batch(attr)
     labels = _one_each(labels, len(maps), "labels", "map")

@@ -2,6 +2,7 @@
 # labkit's environment, made on first use and reused after:
 #   bash scripts/env.sh setup          create/update it (idempotent)
 #   bash scripts/env.sh run CMD...     run CMD with the environment's python (python -m CMD...)
+#   bash scripts/env.sh lab [ARGS...]  JupyterLab on notebooks/ (adds --allow-root when run as root)
 #
 # Where: the active conda environment when it is called "labkit" (conda env create -f
 # environment.yml), otherwise ./.venv (made with python3 -m venv). pip never replaces torch:
@@ -10,13 +11,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${CONDA_DEFAULT_ENV:-}" = "labkit" ] && [ -n "${CONDA_PREFIX:-}" ]; then
+# $LABKIT_PYTHON: an interpreter whose environment is already complete; used as it is, never
+# installed into (the tests start `make lab` with the interpreter that runs them).
+if [ -n "${LABKIT_PYTHON:-}" ]; then
+  PY="$LABKIT_PYTHON"
+elif [ "${CONDA_DEFAULT_ENV:-}" = "labkit" ] && [ -n "${CONDA_PREFIX:-}" ]; then
   PY="$CONDA_PREFIX/bin/python"
 else
   PY=".venv/bin/python"
 fi
 
 setup() {
+  if [ -n "${LABKIT_PYTHON:-}" ]; then
+    ensure_data
+    return
+  fi
   if [ ! -x "$PY" ]; then
     echo "labkit: creating a virtual environment in .venv" >&2
     "${PYTHON:-python3}" -m venv .venv
@@ -86,5 +95,8 @@ case "${1:-}" in
   setup) setup ;;
   # only the tests need a browser and bubblewrap; `make lab` does not install them
   run) shift; setup; if [ "${1:-}" = pytest ]; then ensure_chromium; ensure_bubblewrap; fi; exec "$PY" -m "$@" ;;
-  *) echo "usage: bash scripts/env.sh setup | run MODULE [ARGS...]" >&2; exit 2 ;;
+  # JupyterLab refuses to start as root unless told --allow-root; containers and CI run as root
+  lab) shift; setup; root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)
+       exec "$PY" -m jupyter lab ${root[@]+"${root[@]}"} "$@" notebooks/ ;;
+  *) echo "usage: bash scripts/env.sh setup | run MODULE [ARGS...] | lab [ARGS...]" >&2; exit 2 ;;
 esac

@@ -59,13 +59,19 @@ def with_cell(nb, source: str, before_first_code: bool = False):
     return nb, index + 1
 
 
+def handed_in_calls(lesson: grade.Lesson) -> list:
+    """The calls whose argument a forger can replace by labkit's reference: a function exercise
+    (a concept question, ``check_qNN_*``, takes an answer and has no reference)."""
+    return [call for call in lesson.calls if call.arguments.isidentifier() and not call.check.startswith("check_q")]
+
+
 def forgery_source(lesson: grade.Lesson) -> str:
     """Every cheap way to fake a pass: print it, define the checks, patch labkit.checks and its
     engine, record fake results, shadow labkit with a package in the working directory, and hand
     in labkit's own reference implementations."""
     names = lesson.checks
     hand_in = "\n".join(f"{call.arguments} = references[{call.check!r}]"
-                        for call in lesson.calls if call.arguments.isidentifier())
+                        for call in handed_in_calls(lesson))
     fake_checks = "".join(f"def {n}(*args, **kwargs):\n    print('✅ {n}: passed')\n" for n in names)
     return f"""\
 import importlib, os, pkgutil, sys

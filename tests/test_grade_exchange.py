@@ -126,3 +126,61 @@ def test_a_forged_hook_count_cannot_stall_the_grader(tmp_path):
     with pytest.raises(_engine.Failure, match="hook"):
         _engine.judge_case(spec, case, spec.reference(*case.args), before, spec.reference(*case.args),
                            _engine.argument_names(spec))
+
+
+@pytest.mark.parametrize("answer, passed", [("b", True), (" (B) ", True), ("a", False), (None, False),
+                                            (3, False), (torch.tensor(1.0), False), ([1], False)])
+def test_a_concept_question_is_judged_outside_from_the_plain_answer(answer, passed, tmp_path):
+    """The sandbox sends back only the answer (a string, a number, None or a type's name); the
+    grader judges it with its own copy of the question, and gets the notebook's verdict and hint."""
+    from labkit.checks import _questions
+    question = _questions.QUESTIONS_BY_CHECK["check_q01_sanity"]
+    inbox, outbox = tmp_path / "in", tmp_path / "out"
+    inbox.mkdir()
+    outbox.mkdir()
+    prepared = grade.prepare([grade.CheckCall("check_q01_sanity", "q01_sanity")], SPECS, inbox)
+    _exchange.kernel_main({"q01_sanity": answer}, str(inbox), str(outbox), str(tmp_path))
+    sent = json.loads((outbox / _exchange.RESULT).read_text())
+    assert set(sent[0]) == {"check", "cases", "answer"}
+    verdict = grade.judge(prepared, sent, _exchange.Arrays(outbox))[0]
+    expected_pass, expected_hint = question.judge(answer)
+    assert verdict["passed"] is passed is expected_pass
+    if not isinstance(answer, torch.Tensor):  # a 0-d tensor crosses as its number
+        assert verdict["hint"] == expected_hint
+
+
+def through_the_kernel(check: str, student, folder):
+    """The real sandbox path in one process: the grader's manifest, the kernel's side
+    (:func:`labkit._exchange.kernel_main` on a namespace holding ``student``), the grader's verdict."""
+    inbox, outbox = folder / "in", folder / "out"
+    inbox.mkdir(parents=True)
+    outbox.mkdir(parents=True)
+    prepared = grade.prepare([grade.CheckCall(check, "answer")], SPECS, inbox)
+    _exchange.kernel_main({"answer": student}, str(inbox), str(outbox), str(folder))
+    sent = json.loads((outbox / _exchange.RESULT).read_text())
+    return grade.judge(prepared, sent, _exchange.Arrays(outbox))[0]
+
+
+def test_answers_that_are_not_one_tensor_are_adapted_in_the_sandbox_as_the_check_does(tmp_path):
+    """Lesson 11: bounds come back as a ``(lower, upper)`` pair and the straight-through quantizer
+    is judged by its backward pass; the sandbox applies the spec's adapter by name."""
+    from labkit.checks import lesson11
+
+    def ibp_linear(lower, upper, weight, bias):
+        return tuple(lesson11.ibp_linear(lower, upper, weight, bias))
+
+    def swapped(lower, upper, weight, bias):
+        low, high = lesson11.ibp_linear(lower, upper, weight, bias)
+        return high, low
+
+    def quantize_bpda(x, levels):
+        return x + (lesson11.quantize(x, levels) - x).detach()
+
+    def no_gradient(x, levels):
+        return lesson11.quantize(x, levels).detach()
+
+    assert through_the_kernel("check_ibp_linear", ibp_linear, tmp_path / "a")["passed"]
+    assert not through_the_kernel("check_ibp_linear", swapped, tmp_path / "b")["passed"]
+    assert through_the_kernel("check_straight_through", quantize_bpda, tmp_path / "c")["passed"]
+    verdict = through_the_kernel("check_straight_through", no_gradient, tmp_path / "d")
+    assert not verdict["passed"] and "gradient" in verdict["hint"]

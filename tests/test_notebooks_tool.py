@@ -97,15 +97,25 @@ def test_outputs_counts_timings_and_widget_state_cleared():
     nbformat.validate(student)
 
 
-def test_setup_cell_installs_only_when_labkit_is_missing():
+def test_setup_cell_installs_only_when_labkit_is_missing(tmp_path, monkeypatch):
     from IPython.core.inputtransformer2 import TransformerManager
     python = TransformerManager().transform_cell(tool.SETUP_SOURCE)
     calls = []
-    namespace = {"get_ipython": lambda: type("Shell", (), {"run_line_magic": lambda self, *a: calls.append(a)})()}
+    namespace = {}
+    # IPython expands {name} in a magic's line from the cell's namespace; so does this stand-in
+    shell = type("Shell", (), {"run_line_magic": lambda self, magic, line: calls.append((magic, line.format(**namespace)))})
+    namespace["get_ipython"] = lambda: shell()
+    monkeypatch.chdir(tmp_path)
     exec(python, namespace)
     assert calls == []  # labkit is importable here
-    exec(python.replace('find_spec("labkit")', 'find_spec("surely_not_a_module_xyz")'), namespace)
-    assert calls and calls[0][0] == "pip" and tool.INSTALL_SPEC in calls[0][1]
+    missing = python.replace('find_spec("labkit")', 'find_spec("surely_not_a_module_xyz")')
+    exec(missing, namespace)
+    assert calls[-1][0] == "pip" and tool.INSTALL_SPEC in calls[-1][1]
+    # Colab without a public address: a wheel uploaded next to the notebook wins (the newest name)
+    for name in ("labkit-0.1.0-py3-none-any.whl", "labkit-0.2.0-py3-none-any.whl", "other-1.0.whl"):
+        (tmp_path / name).write_bytes(b"")
+    exec(missing, namespace)
+    assert calls[-1] == ("pip", 'install --quiet "labkit-0.2.0-py3-none-any.whl"')
 
 
 @pytest.mark.parametrize("source, message", [

@@ -176,7 +176,8 @@ def test_signed_heatmap_is_centred_at_zero_with_colorbars():
     for ax, a in zip(axes, attr):
         (shown,) = images_of(ax)
         assert shown.get_cmap().name == plot.SIGNED_CMAP
-        assert shown.norm.vmin == -shown.norm.vmax == pytest.approx(-a.abs().max().item())
+        peak = np.percentile(a.abs().numpy(), plot.CLIP_PERCENTILE)
+        assert shown.norm.vmin == -shown.norm.vmax == pytest.approx(-peak)
         assert shown.get_extent() == [-0.5, 27.5, 27.5, -0.5]
     assert [ax.get_title() for ax in axes] == ["gradient", "x * grad", "IG"]
     assert_no_overlap([ax.get_tightbbox(renderer) for ax in fig.axes])
@@ -190,9 +191,22 @@ def test_unsigned_heatmap_and_same_scale():
     for ax in image_axes(fig):
         shown = images_of(ax)[0]
         assert shown.get_cmap().name == plot.UNSIGNED_CMAP
-        assert (shown.norm.vmin, shown.norm.vmax) == (0.0, pytest.approx(attr.max().item()))
+        assert (shown.norm.vmin, shown.norm.vmax) == (0.0, pytest.approx(np.percentile(attr.numpy(), plot.CLIP_PERCENTILE)))
     fig = plot.heatmap(np.random.rand(7, 7) - 0.2, signed=True, colorbar=False)
     assert len(fig.axes) == 1 and images_of(fig.axes[0])[0].get_cmap().name == plot.SIGNED_CMAP
+
+
+def test_one_hot_pixel_does_not_set_the_colour_scale():
+    # a robust model's gradient: moderate values on the object and a few extreme pixels. With the
+    # maximum as the limit every other pixel would be drawn within 1 % of zero.
+    attr = torch.rand(28, 28, generator=torch.Generator().manual_seed(3)) * 0.02
+    attr[3, 4] = 2.0
+    shown = images_of(plot.heatmap(attr).axes[0])[0]
+    assert shown.norm.vmax < 0.05
+    assert (shown.norm(attr.numpy()) > 0.5).mean() > 0.3  # most of the map is visibly coloured
+    sparse = torch.zeros(28, 28)
+    sparse[5, 5] = 1.0  # fewer than 1 % non-zero: the maximum, not a blank panel
+    assert images_of(plot.heatmap(sparse).axes[0])[0].norm.vmax == 1.0
 
 
 def test_heatmap_bad_input():

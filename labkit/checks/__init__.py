@@ -48,3 +48,9 @@ for _lesson in sorted(info.name for info in pkgutil.iter_modules(__path__) if in
     _module = importlib.import_module(f".{_lesson}", __name__)
     globals().update({name: getattr(_module, name) for name in _module.__all__})
     __all__ += _module.__all__
+
+# the concept questions ("predict before you run"), ``check_qNN_<topic>(answer)``
+from . import _questions  # noqa: E402
+
+globals().update({name: getattr(_questions, name) for name in _questions.__all__ if name.startswith("check_")})
+__all__ += [name for name in _questions.__all__ if name.startswith("check_")]

@@ -603,6 +603,9 @@ class Spec:
     - ``steps``: the name of the argument that sets how many iterations the method runs (PGD,
       gradient ascent), so that a wrong answer is checked for a step too few or too many and
       for a gradient computed once instead of at every step.
+    - ``adapter``: the name of an :data:`ADAPTERS` entry when the exercise's answer is not one
+      tensor (a ``(lower, upper)`` pair, or a function whose backward pass is the answer): the
+      check and the sandboxed grader both compare what the adapter makes of the student's function.
     """
     name: str
     reference: Callable
@@ -617,6 +620,51 @@ class Spec:
     delta_from: Callable[[Case], torch.Tensor] | None = None
     shape_hints: Sequence[Callable] = ()
     steps: str | None = None
+    adapter: str | None = None
+
+
+class NotAPair:
+    """What :func:`stack_pair` got back instead of a ``(lower, upper)`` pair of same-shaped tensors."""
+
+    def __init__(self, out):
+        self.out = out
+
+
+def stack_pair(function):
+    """An exercise that returns ``(lower, upper)``: the two stacked into one tensor, which the
+    engine compares; anything else comes back as a :class:`NotAPair`."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        out = function(*args, **kwargs)
+        if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
+            if out[0].shape == out[1].shape:
+                return torch.stack([out[0], out[1]]).detach()
+        return NotAPair(out)
+    return run
+
+
+def output_and_gradient(function, attached: list | None = None):
+    """``function(x, *rest)`` run as ``run(x, *rest, weights)``: its output stacked with the
+    gradient of ``sum(weights * output)`` with respect to ``x``, so a custom backward pass is
+    compared too. ``attached`` collects whether each output was still attached to ``x``."""
+    @functools.wraps(function)
+    def run(x, *rest):
+        *rest, weights = rest
+        x = x.detach().clone().requires_grad_(True)
+        out = function(x, *rest)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            return out
+        if attached is not None:
+            attached.append(out.requires_grad)
+        if not out.requires_grad:
+            return torch.stack([out.detach(), torch.zeros_like(x)])
+        (grad,) = torch.autograd.grad((weights * out).sum(), x, allow_unused=True)
+        return torch.stack([out.detach(), torch.zeros_like(x) if grad is None else grad])
+    return run
+
+
+# ``Spec.adapter`` names one of these; the sandboxed grader applies it in the sandbox by name
+ADAPTERS = {"pair": stack_pair, "output_and_gradient": output_and_gradient}
 
 
 _ACCEPT_REFERENCE = False

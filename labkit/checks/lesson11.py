@@ -121,25 +121,6 @@ def straight_through(x, levels, weights):
     return torch.stack([quantize(x, levels), weights])
 
 
-def _forward_and_gradient(function):
-    """Run a quantizer and backpropagate ``sum(weights * q(x))`` to ``x``: forward and gradient,
-    stacked, as the engine compares them."""
-    attached = []
-
-    @functools.wraps(function)
-    def run(x, levels, weights):
-        x = x.detach().clone().requires_grad_(True)
-        out = function(x, levels)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            return out
-        attached.append(out.requires_grad)
-        if not out.requires_grad:
-            return torch.stack([out.detach(), torch.zeros_like(x)])
-        (grad,) = torch.autograd.grad((weights * out).sum(), x, allow_unused=True)
-        return torch.stack([out.detach(), torch.zeros_like(x) if grad is None else grad])
-    return run, attached
-
-
 def _bpda_cases(generator: torch.Generator) -> list[Case]:
     cases = []
     for batch, size in ((1, draw(generator, 5, 9)), (draw(generator, 2, 4), draw(generator, 6, 10))):
@@ -152,6 +133,7 @@ def _bpda_cases(generator: torch.Generator) -> list[Case]:
 
 BPDA = Spec(
     name="check_straight_through",
+    adapter="output_and_gradient",
     reference=straight_through,
     cases=_bpda_cases,
     dims=("forward/gradient", "batch", "channel", "height", "width"),
@@ -172,7 +154,8 @@ def check_straight_through(quantize_bpda) -> _engine.Result:
     """``quantize_bpda(x, levels)``: quantizes in the forward pass, identity in the backward."""
     if not callable(quantize_bpda):
         return _engine.run(BPDA, quantize_bpda)
-    run, attached = _forward_and_gradient(quantize_bpda)
+    attached = []
+    run = _engine.output_and_gradient(quantize_bpda, attached)
 
     def differentiable(out, case):
         if attached and not attached[-1]:
@@ -185,33 +168,14 @@ def check_straight_through(quantize_bpda) -> _engine.Result:
 
 # ---------------------------------------------------------------- 3. interval bound propagation
 
-def _stacked(function):
-    """Call a bound function and stack its ``(lower, upper)`` into one tensor for the engine."""
-    @functools.wraps(function)
-    def run(*args):
-        out = function(*args)
-        if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
-            if out[0].shape == out[1].shape:
-                return torch.stack([out[0], out[1]]).detach()
-        return _NotAPair(out)
-    return run
-
-
-class _NotAPair:
-    """What came back instead of a ``(lower, upper)`` pair of same-shaped tensors."""
-
-    def __init__(self, out):
-        self.out = out
-
-
 def _run_bounds(spec: Spec, student) -> _engine.Result:
     if not callable(student):
         return _engine.run(spec, student)
-    stacked = _stacked(student)
+    stacked = _engine.stack_pair(student)
 
     def checked(*args):
         out = stacked(*args)
-        if isinstance(out, _NotAPair):
+        if isinstance(out, _engine.NotAPair):
             got = "None (did you forget the `return`?)" if out.out is None else f"a {type(out.out).__name__}"
             raise ValueError(f"{student.__name__} must return the pair (lower, upper) of two tensors of "
                              f"the same shape; it returned {got}")
@@ -254,6 +218,7 @@ def _swapped(reference):
 
 LINEAR = Spec(
     name="check_ibp_linear",
+    adapter="pair",
     reference=ibp_linear,
     cases=lambda generator: _box_cases(generator, linear=True),
     dims=("lower/upper", "batch", "unit"),
@@ -277,6 +242,7 @@ def ibp_relu(lower, upper):
 
 RELU = Spec(
     name="check_ibp_relu",
+    adapter="pair",
     reference=ibp_relu,
     cases=lambda generator: _box_cases(generator, linear=False),
     dims=("lower/upper", "batch", "unit"),
@@ -353,6 +319,7 @@ def _no_normalization(model, x, eps):
 
 MLP = Spec(
     name="check_ibp_mlp",
+    adapter="pair",
     reference=ibp_mlp,
     cases=_mlp_cases,
     dims=("lower/upper", "batch", "class"),
