@@ -15,7 +15,8 @@ about 2.3 GB for EfficientNet-Lite0).
 Modules by family: ``gradients`` (gradient, gradient x input, SmoothGrad, integrated
 gradients), ``perturbation`` (occlusion), ``cam`` (guided backprop, Grad-CAM, guided Grad-CAM),
 ``lrp`` (layer-wise relevance propagation), ``evaluation`` (heatmaps, sanity check,
-deletion / insertion curves).
+deletion / insertion curves). :data:`METHODS` lists every method with its heatmap reduction
+and options (:class:`Method`).
 """
 from .cam import guided_backprop, guided_gradcam, gradcam
 from .evaluation import (Curve, SanityCheck, deletion_curve, insertion_curve, sanity_check, spearman,
@@ -24,10 +25,20 @@ from .gradients import (completeness_gap, gradient, gradient_x_input, integrated
                         smoothgrad)
 from .lrp import AlphaBeta, Composite, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, fold_batchnorm, lrp
 from .perturbation import occlusion
+from ._common import Method, Option
+from .cam import METHODS as _CAM
+from .gradients import METHODS as _GRADIENTS
+from .lrp import METHODS as _LRP
+from .perturbation import METHODS as _PERTURBATION
+
+# Every attribution method, by function name: what the explorer offers, the tests and device
+# checks run and the benchmarks time. A new method is one more ``Method`` row in its family's
+# module; a new family, one more line here.
+METHODS: dict[str, Method] = {m.name: m for m in (*_GRADIENTS, *_PERTURBATION, *_CAM, *_LRP)}
 
 __all__ = ["gradient", "gradient_x_input", "smoothgrad", "integrated_gradients", "completeness_gap",
            "path_points", "occlusion", "guided_backprop", "gradcam", "guided_gradcam",
            "lrp", "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Composite",
            "fold_batchnorm",
            "to_heatmap", "sanity_check", "SanityCheck", "spearman", "deletion_curve",
-           "insertion_curve", "Curve"]
+           "insertion_curve", "Curve", "METHODS", "Method", "Option"]

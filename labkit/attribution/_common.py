@@ -2,6 +2,9 @@
 evaluations into few forward passes. Private: the public functions call these."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -89,3 +92,33 @@ def check_reference(reference, x: torch.Tensor, name: str) -> torch.Tensor:
     if expanded.device != x.device:
         raise ValueError(f"{name} is on {expanded.device} but the images are on {x.device}")
     return expanded.detach().to(x.dtype)
+
+
+# ---- the method table: each family module lists its methods in ``METHODS``; the package joins
+# them in ``labkit.attribution.METHODS``, which the explorer, the tests and the benchmarks iterate.
+
+@dataclass(frozen=True)
+class Option:
+    """A setting of a method that the explorer offers as a control: a number in ``[low, high]``
+    (an int slider when ``default`` is an int), one of ``choices`` (a name -> the keyword
+    arguments it stands for), or, with ``layer``, one of the model's layers."""
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: Mapping[str, dict] | None = None
+    layer: bool = False
+
+
+@dataclass(frozen=True)
+class Method:
+    """One attribution method: its ``function(model, x, target, **options)``, the ``label``
+    people read, how its map becomes a heatmap (``heatmap``: :func:`to_heatmap`'s ``reduce``,
+    ``"sum"`` where the sign carries meaning, ``"max_abs"`` otherwise), the ``options`` the
+    explorer offers, and ``quick``: options for a cheap call (tests, device checks)."""
+    name: str
+    function: Callable
+    label: str
+    heatmap: str
+    options: Mapping[str, Option] = field(default_factory=dict)
+    quick: Mapping[str, Any] = field(default_factory=dict)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._core import hooks, cam_layer_name, preserved, resolve_layer
-from ._common import prepare, target_logits
+from ._common import Method, Option, prepare, target_logits
 
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 
@@ -118,3 +118,10 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer=None) -> tor
         state["guided"] = True
         (input_grad,) = torch.autograd.grad(selected, inputs)
     return input_grad * _cam(outputs[-1], layer_grad, x.shape[-2:], relu=True, upsample=True)
+
+
+METHODS = (
+    Method("guided_backprop", guided_backprop, "guided backprop", "max_abs"),
+    Method("gradcam", gradcam, "Grad-CAM", "sum", options={"layer": Option(layer=True)}),
+    Method("guided_gradcam", guided_gradcam, "guided Grad-CAM", "max_abs", options={"layer": Option(layer=True)}),
+)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .._core import input_gradient, preserved
-from ._common import (check_number, check_positive_int, check_reference, chunks, per_forward,
-                      prepare, target_logits)
+from ._common import (Method, Option, check_number, check_positive_int, check_reference, chunks,
+                      per_forward, prepare, target_logits)
 
 
 def gradient(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
@@ -148,3 +148,14 @@ def completeness_gap(model: nn.Module, x: torch.Tensor, target, attributions: to
     with preserved(model), torch.no_grad():
         gain = target_logits(model, x, target) - target_logits(model, baseline.contiguous(), target)
     return attributions.detach().flatten(1).sum(1) - gain
+
+
+METHODS = (
+    Method("gradient", gradient, "gradient", "max_abs"),
+    Method("gradient_x_input", gradient_x_input, "gradient × input", "sum"),
+    Method("smoothgrad", smoothgrad, "SmoothGrad", "max_abs",
+           options={"n_samples": Option(20, 1, 100), "sigma": Option(0.15, 0.0, 0.5, 0.01)},
+           quick={"n_samples": 2, "progress": False}),
+    Method("integrated_gradients", integrated_gradients, "integrated gradients", "sum",
+           quick={"steps": 3, "progress": False}),
+)

@@ -35,7 +35,7 @@ from torch import nn
 from .._core import hooks, preserved, resolve_layer
 from ..models.efficientnet_lite import Add
 from ..models.fashion_cnn import Normalize
-from ._common import check_number, checked_logits, prepare
+from ._common import Method, Option, check_number, checked_logits, prepare
 
 STABILIZER = 1e-6  # added to every denominator with its sign (0 counts as +), as in zennit
 
@@ -160,7 +160,9 @@ class _Layer:
 
 class Rule:
     """How a conv or dense layer passes relevance to its input: ``output(layer, a, z)`` returns
-    the layer output ``z`` (same values) whose backward maps output relevance to input relevance."""
+    the layer output ``z`` (same values) whose backward maps output relevance to input relevance.
+    ``first_layer_only``: the rule needs the pixels as its input (z^B)."""
+    first_layer_only = False
 
     def output(self, layer: _Layer, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -251,6 +253,7 @@ class ZBox(Rule):
     padded borders get ``l = h = 0``, as the conv's own zero padding does."""
     low: float | torch.Tensor = 0.0
     high: float | torch.Tensor = 1.0
+    first_layer_only = True  # no annotation: a class attribute, not a field
 
     def __post_init__(self):
         for name in ("low", "high"):
@@ -339,6 +342,10 @@ def epsilon_alpha2_beta1(epsilon: float = 1e-6) -> Composite:
 
 COMPOSITES = {f.__name__: f for f in (epsilon_plus, epsilon_plus_flat, epsilon_plus_box,
                                       epsilon_gamma_box, epsilon_alpha2_beta1)}
+# Every name lrp can apply to a whole network by itself, with the arguments it stands for: the
+# rules that fit any layer, then the composites.
+NAMED = {**{name: {"rule": name} for name, rule in RULES.items() if not rule.first_layer_only},
+         **{name: {"composite": name} for name in COMPOSITES}}
 
 
 def _build(table: dict, name: str, options: dict, what: str):
@@ -384,7 +391,7 @@ def _assign(model: nn.Module, rule, composite, options) -> list[tuple[str, nn.Mo
         chosen = (composite.rule_for(name, module, index == 0) if composite else None) or rule
         if not isinstance(chosen, Rule):
             raise TypeError(f"the composite gives layer {name!r} {chosen!r}, which is not a Rule")
-        if isinstance(chosen, ZBox) and index > 0:
+        if chosen.first_layer_only and index > 0:
             raise ValueError(f"z^B (ZBox) is a rule for the first layer ({layers[0][0]!r}), whose inputs "
                              f"are pixels, but it was given to {name!r}; use a composite such as "
                              f"'epsilon_gamma_box' or Composite(first=ZBox(low, high))")
@@ -562,6 +569,10 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rule="epsilon", composite=Non
         (relevance,) = torch.autograd.grad(logits, x, start.detach())
     return relevance.detach()
 
+
+METHODS = (
+    Method("lrp", lrp, "LRP", "sum", options={"rule": Option("epsilon_gamma_box", choices=NAMED)}),
+)
 
 __all__ = ["lrp", "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare",
            "Composite", "fold_batchnorm"]

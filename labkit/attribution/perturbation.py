@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._core import preserved
-from ._common import check_positive_int, check_reference, chunks, per_forward, prepare, target_logits
+from ._common import Method, check_positive_int, check_reference, chunks, per_forward, prepare, target_logits
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -65,3 +65,8 @@ def _interval(size: int, start: torch.Tensor, length: int, device) -> torch.Tens
     """``k x size`` booleans: position ``i`` lies in ``[start_k, start_k + length)``."""
     position = torch.arange(size, device=device)
     return (position >= start[:, None]) & (position < start[:, None] + length)
+
+
+METHODS = (
+    Method("occlusion", occlusion, "occlusion", "sum", quick={"window": 14, "stride": 14, "progress": False}),
+)
