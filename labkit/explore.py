@@ -27,7 +27,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from . import attacks, attribution, plot
-from ._core import cam_layer_name, check_images, check_model, model_device, preserved
+from ._core import check_images, check_model, model_device, preserved
+from .attribution.cam import cam_layer_name
 
 PGD_STEPS = 10
 SMOOTHGRAD_SEED = 0  # the same noise for every view, so only the student's settings change it

@@ -379,7 +379,7 @@ def test_unknown_layer_raises(fashion, method):
 @pytest.mark.parametrize("call,error,message", [
     (lambda m: smoothgrad(m, GOOD, 1, n_samples=0), ValueError, "n_samples must be >= 1"),
     (lambda m: smoothgrad(m, GOOD, 1, sigma=-0.1), ValueError, "sigma must be in"),
-    (lambda m: smoothgrad(m, GOOD, 1, batch_size=0), ValueError, "batch_size must be a positive int"),
+    (lambda m: smoothgrad(m, GOOD, 1, batch_size=0), ValueError, "batch_size must be >= 1"),
     (lambda m: integrated_gradients(m, GOOD, 1, baseline=torch.rand(3, 28, 28)), ValueError, "broadcasts"),
     (lambda m: integrated_gradients(m, GOOD, 1, baseline=2.0), ValueError, "baseline must be in"),
     (lambda m: integrated_gradients(m, GOOD, 1, method="simpson"), ValueError, "method must be one of"),

@@ -9,7 +9,7 @@ transfer attack).
 from __future__ import annotations
 
 from ._common import NORMS, project, random_delta
-from .evaluation import ATTACKS, TransferResult, _as_tensors, accuracy, robustness_curve, transfer
+from .evaluation import ATTACKS, TransferResult, accuracy, robustness_curve, transfer
 from .gradient import fgsm, gradient_step, pgd
 from .minimal import deepfool
 

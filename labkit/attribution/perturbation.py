@@ -1,14 +1,15 @@
 """Perturbation attributions: occlusion."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._core import preserved
-from ._common import Method, check_positive_int, check_reference, chunks, per_forward, prepare, target_logits
+from .._core import batched, check_positive_int, check_reference, preserved
+from ._common import Method, per_forward, prepare, target_logits
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -39,32 +40,26 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=8, stride=4, fil
                          f"it (so every pixel is occluded), got window {(height, width)}, "
                          f"stride {(stride_h, stride_w)}")
     fill = check_reference(fill, x, "fill")
-    tops = torch.arange(math.ceil((rows - height) / stride_h) + 1, device=x.device) * stride_h
-    lefts = torch.arange(math.ceil((cols - width) / stride_w) + 1, device=x.device) * stride_w
-    n_windows, batch = len(tops) * len(lefts), x.shape[0]
-    drops = torch.empty(batch * n_windows, dtype=x.dtype, device=x.device)
+    tops = range(0, math.ceil((rows - height) / stride_h) * stride_h + 1, stride_h)
+    lefts = range(0, math.ceil((cols - width) / stride_w) * stride_w + 1, stride_w)
+
+    def occluded(top, left):
+        copy = x.detach().clone()
+        copy[..., top:top + height, left:left + width] = fill[..., top:top + height, left:left + width]
+        return copy
+
+    windows = ((occluded(top, left), target) for top in tops for left in lefts)
     with preserved(model), torch.no_grad():
         original = target_logits(model, x, target)
-        for part in chunks(batch * n_windows, per_forward(x, batch_size), progress, "Occlusion"):
-            index = torch.arange(part.start, part.stop, device=x.device)
-            image, window_index = index // n_windows, index % n_windows
-            in_rows = _interval(rows, tops[window_index // len(lefts)], height, x.device)
-            in_cols = _interval(cols, lefts[window_index % len(lefts)], width, x.device)
-            inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-            occluded = torch.where(inside, fill[image], x[image])
-            drops[part] = original[image] - target_logits(model, occluded, target[image])
+        drops = [original - logits for logits in batched(functools.partial(target_logits, model), windows,
+                                                          per_forward(x, batch_size), len(tops) * len(lefts),
+                                                          progress, "Occlusion")]
     # Spread each window's drop over its pixels and divide by how many windows cover each pixel.
     kernel = torch.ones(1, 1, height, width, dtype=x.dtype, device=x.device)
-    drop_maps = drops.view(batch, 1, len(tops), len(lefts))
+    drop_maps = torch.stack(drops, dim=1).view(len(x), 1, len(tops), len(lefts))
     summed = F.conv_transpose2d(drop_maps, kernel, stride=(stride_h, stride_w))[..., :rows, :cols]
     counts = F.conv_transpose2d(torch.ones_like(drop_maps[:1]), kernel, stride=(stride_h, stride_w))
     return (summed / counts[..., :rows, :cols]).expand_as(x).contiguous()
-
-
-def _interval(size: int, start: torch.Tensor, length: int, device) -> torch.Tensor:
-    """``k x size`` booleans: position ``i`` lies in ``[start_k, start_k + length)``."""
-    position = torch.arange(size, device=device)
-    return (position >= start[:, None]) & (position < start[:, None] + length)
 
 
 METHODS = (
