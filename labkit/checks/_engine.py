@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._core import HOOK_DICTS, get_device
+
 LOG_ENV = "LABKIT_CHECK_LOG"
 NOT_IMPLEMENTED = ("not implemented yet: replace the `raise NotImplementedError(...)` line "
                    "with your code, run that cell, then this one again")
@@ -225,10 +227,9 @@ def _one_thread():
 # ---------------------------------------------------------------- the model and inputs stay as they were
 
 def _model_snapshot(model: nn.Module) -> dict:
-    from .._core import _HOOK_DICTS
     return {
         "modes": [m.training for m in model.modules()],
-        "hooks": sum(len(getattr(m, name)) for m in model.modules() for name in _HOOK_DICTS if hasattr(m, name)),
+        "hooks": sum(len(getattr(m, name)) for m in model.modules() for name in HOOK_DICTS if hasattr(m, name)),
         "grads": [p.grad is not None for p in model.parameters()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "weights": [t.detach().clone() for t in model.state_dict().values()],
@@ -453,7 +454,6 @@ def _check(spec: Spec, student, seed: int) -> None:
     if _code_objects([student]) & forbidden:
         raise Failure(REFUSED)
     names = list(inspect.signature(spec.reference).parameters)
-    from .. import get_device
     device = get_device()
     with _isolated_random_state(seed, device), _one_thread():
         generator = torch.Generator().manual_seed(seed)
