@@ -1,5 +1,8 @@
-"""What the attribution modules share: argument checks and the batching of many model
-evaluations into few forward passes. Private: the public functions call these."""
+"""What the attribution modules share: the check of model, images and target, how many model
+evaluations go into one forward pass (the loop itself is :func:`labkit._core.batched`), the
+target logits, and the row type of the method table (:class:`Method`, :class:`Option`).
+Private module: the public functions call these; ``Method`` and ``Option`` are exported by
+:mod:`labkit.attribution`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
