@@ -504,3 +504,22 @@ def test_cuda_matches_cpu(fashion, method):
     for cpu, cuda in zip(on_cpu, on_cuda, strict=True):
         assert cuda.device.type == "cuda" and not cuda.requires_grad
         close(cuda.cpu(), cpu, rtol=1e-3)
+
+
+# --- the method table ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", attribution.METHODS)
+def test_each_table_row_fits_its_function(name):
+    """Its options and quick options are parameters of its function, its heatmap reduction is one
+    to_heatmap knows, each choice stands for arguments the function takes, and it is exported."""
+    method = attribution.METHODS[name]
+    parameters = inspect.signature(method.function).parameters
+    assert method.name == name == method.function.__name__ and getattr(attribution, name) is method.function
+    assert method.heatmap in attribution.evaluation.REDUCTIONS
+    assert set(method.quick) <= set(parameters)
+    for option_name, option in method.options.items():
+        if option.choices is None:
+            assert option_name in parameters
+        else:
+            assert option.default in option.choices
+            assert all(set(kwargs) <= set(parameters) for kwargs in option.choices.values())
