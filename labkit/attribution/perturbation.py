@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -29,8 +30,9 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=8, stride=4, fil
     a row or column is cut off at the image border, so every pixel is covered).
 
     Returns a tensor shaped like ``x``, the same value in every channel. The ``B x windows``
-    occluded copies run ``batch_size`` per forward pass (bounding memory; None: sized for the
-    device, see :mod:`labkit.attribution`).
+    occluded copies run ``batch_size`` per forward pass (None: sized for the device, see
+    :mod:`labkit.attribution`); they are made one image at a time, so memory holds one image's
+    copies beyond the batch.
     """
     target = prepare(model, x, target)
     (height, width), (stride_h, stride_w) = _pair(window, "window"), _pair(stride, "stride")
@@ -42,21 +44,19 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=8, stride=4, fil
     fill = check_reference(fill, x, "fill")
     tops = range(0, math.ceil((rows - height) / stride_h) * stride_h + 1, stride_h)
     lefts = range(0, math.ceil((cols - width) / stride_w) * stride_w + 1, stride_w)
-
-    def occluded(top, left):
-        copy = x.detach().clone()
-        copy[..., top:top + height, left:left + width] = fill[..., top:top + height, left:left + width]
-        return copy
-
-    windows = ((occluded(top, left), target) for top in tops for left in lefts)
+    inside = torch.zeros(len(tops) * len(lefts), 1, rows, cols, dtype=torch.bool, device=x.device)
+    for k, (top, left) in enumerate(itertools.product(tops, lefts)):
+        inside[k, :, top:top + height, left:left + width] = True  # window k, cut off at the border
+    # every window of one image at a time (image by image runs faster than window by window)
+    occluded = ((torch.where(inside, fill[b], x[b]), target[b].expand(len(inside))) for b in range(len(x)))
     with preserved(model), torch.no_grad():
         original = target_logits(model, x, target)
-        drops = [original - logits for logits in batched(functools.partial(target_logits, model), windows,
-                                                          per_forward(x, batch_size), len(tops) * len(lefts),
-                                                          progress, "Occlusion")]
+        drops = [original[b] - logits for b, logits in enumerate(batched(
+            functools.partial(target_logits, model), occluded, per_forward(x, batch_size), len(x),
+            progress, "Occlusion"))]
     # Spread each window's drop over its pixels and divide by how many windows cover each pixel.
     kernel = torch.ones(1, 1, height, width, dtype=x.dtype, device=x.device)
-    drop_maps = torch.stack(drops, dim=1).view(len(x), 1, len(tops), len(lefts))
+    drop_maps = torch.stack(drops).view(len(x), 1, len(tops), len(lefts))
     summed = F.conv_transpose2d(drop_maps, kernel, stride=(stride_h, stride_w))[..., :rows, :cols]
     counts = F.conv_transpose2d(torch.ones_like(drop_maps[:1]), kernel, stride=(stride_h, stride_w))
     return (summed / counts[..., :rows, :cols]).expand_as(x).contiguous()
