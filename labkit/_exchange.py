@@ -131,10 +131,10 @@ def _build(description: dict) -> nn.Module:
 
 
 def _model_state(model: nn.Module, arrays: Arrays) -> dict:
-    from ._core import _HOOK_DICTS
+    from ._core import HOOK_DICTS
     return {
         "training": [m.training for m in model.modules()],
-        "hooks": sum(len(getattr(m, name)) for m in model.modules() for name in _HOOK_DICTS if hasattr(m, name)),
+        "hooks": sum(len(getattr(m, name)) for m in model.modules() for name in HOOK_DICTS if hasattr(m, name)),
         "grads": [p.grad is not None for p in model.parameters()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "state": {key: arrays.put(value) for key, value in model.state_dict().items()},
@@ -160,8 +160,8 @@ def _load_model_state(model: nn.Module, state: dict, arrays: Arrays, hooks: bool
         parameter.requires_grad_(bool(requires_grad))
         parameter.grad = torch.zeros_like(parameter) if grad else None
     if hooks:  # hooks the student's code left behind: as many no-op hooks on the grader's copy
-        from ._core import _HOOK_DICTS
-        present = sum(len(getattr(m, name)) for m in modules for name in _HOOK_DICTS if hasattr(m, name))
+        from ._core import HOOK_DICTS
+        present = sum(len(getattr(m, name)) for m in modules for name in HOOK_DICTS if hasattr(m, name))
         for _ in range(min(max(0, int(state["hooks"]) - present), 100)):  # a count from the sandbox: capped
             model.register_forward_hook(lambda *args: None)
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._core import batches, check_images, check_model, check_target, logits_for, model_device, preserved
-from .attacks.evaluation import as_tensors
+from .data import as_tensors
 from .models import Normalize
 
 _MONOTONE = (nn.ReLU, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -229,3 +229,22 @@ def _imagenet_classes() -> tuple[str, ...]:
 def imagenet_classes() -> list[str]:
     """The 1000 ImageNet-1k class names in index order (shipped with labkit; works offline)."""
     return list(_imagenet_classes())
+
+
+def as_tensors(data, limit=None):
+    """``(images, labels)`` from an ``(images, labels)`` pair, a dataset with ``.tensors()``
+    (labkit's Fashion-MNIST), a ``torch.utils.data.TensorDataset`` (whose ``.tensors`` is the
+    pair itself, not a method) or any dataset of ``(image, label)`` items; the first ``limit``."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x, y = data
+    elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+    elif callable(getattr(data, "tensors", None)):
+        x, y = data.tensors()
+    else:
+        items = [data[i] for i in range(len(data))]
+        x = torch.stack([item[0] for item in items])
+        y = torch.as_tensor([int(item[1]) for item in items])
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return x, y

@@ -14,11 +14,12 @@ figure of its default view: its display bundle carries a PNG beside the widget v
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import io
-import textwrap
 import threading
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ipywidgets as widgets
 import torch
@@ -26,50 +27,44 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from . import attacks, attribution, plot
-from ._core import cam_layer_name, check_images, check_model, model_device, preserved
+from ._core import check_images, check_model, model_device, preserved
+from .attribution.cam import cam_layer_name
 
 PGD_STEPS = 10
 SMOOTHGRAD_SEED = 0  # the same noise for every view, so only the student's settings change it
 
-# Methods whose sign carries meaning are shown signed (channel sum); the others as magnitude.
-METHODS: dict[str, str] = {
-    "gradient": "max_abs",
-    "gradient × input": "sum",
-    "SmoothGrad": "max_abs",
-    "integrated gradients": "sum",
-    "occlusion": "sum",
-    "guided backprop": "max_abs",
-    "Grad-CAM": "sum",
-    "LRP": "sum",
-}
+# What the explorer offers, by label: every method of labkit.attribution.METHODS, with the
+# options (controls) and the heatmap reduction its table row gives.
+METHODS: dict[str, attribution.Method] = {m.label: m for m in attribution.METHODS.values()}
 ATTACKS = ("FGSM", "PGD")
-# LRP: single rules on every layer, then the composites (a rule per kind of layer).
-LRP_RULES = ("epsilon", "gamma", "alpha_beta", "zplus", "flat",
-             "epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1")
-_LRP_COMPOSITES = {"epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1"}
+# The options of all methods, each once: one control each, shown while a method that has it is chosen.
+OPTIONS: dict[str, attribution.Option] = {name: option for m in METHODS.values()
+                                          for name, option in m.options.items()}
+LRP_RULES = tuple(OPTIONS["rule"].choices)  # lrp's own rules and composites (lrp.NAMED)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What the student picked. ``target=None`` explains the model's prediction; ``layer=None``
-    is Grad-CAM's default (the last convolution); ``eps=0`` is the clean image."""
-    image: int = 0
-    method: str = "gradient"
-    target: int | None = None
-    attack: str = "FGSM"
-    eps: float = 0.0
-    n_samples: int = 20
-    sigma: float = 0.15
-    layer: str | None = None
-    rule: str = "epsilon_gamma_box"
+def _settings_post_init(self):
+    if self.method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+    if self.attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
+    for name, option in OPTIONS.items():
+        if option.choices is not None and getattr(self, name) not in option.choices:
+            raise ValueError(f"{name} must be one of {tuple(option.choices)}, got {getattr(self, name)!r}")
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.attack not in ATTACKS:
-            raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
-        if self.rule not in LRP_RULES:
-            raise ValueError(f"rule must be one of {LRP_RULES}, got {self.rule!r}")
+
+# The explorer's defaults; a field per method option follows them (``n_samples``, ``sigma``,
+# ``layer``, ``rule``, ...), with the option's default.
+Settings = dataclasses.make_dataclass(
+    "Settings",
+    [("image", int, 0), ("method", str, "gradient"), ("target", "int | None", None),
+     ("attack", str, "FGSM"), ("eps", float, 0.0),
+     *((name, Any, option.default) for name, option in OPTIONS.items())],
+    namespace={"__post_init__": _settings_post_init, "__module__": __name__, "__doc__":
+               """What the student picked. ``target=None`` explains the model's prediction; ``layer=None``
+    is Grad-CAM's default (the model's ``gradcam_layer``); ``eps=0`` is the clean image; one field
+    per method option (:data:`OPTIONS`)."""},
+    frozen=True)
 
 
 @dataclass(frozen=True)
@@ -90,28 +85,25 @@ class ModelView:
 
 
 def attribute(model: nn.Module, x: torch.Tensor, target: int, settings: Settings) -> torch.Tensor:
-    """The attribution the settings ask for, ``B x C x H x W`` (``B x 1 x H x W`` for Grad-CAM)."""
-    method = settings.method
-    if method == "gradient":
-        return attribution.gradient(model, x, target)
-    if method == "gradient × input":
-        return attribution.gradient_x_input(model, x, target)
-    if method == "SmoothGrad":
-        noise = torch.Generator(x.device).manual_seed(SMOOTHGRAD_SEED)
-        return attribution.smoothgrad(model, x, target, n_samples=settings.n_samples,
-                                      sigma=settings.sigma, generator=noise, progress=False)
-    if method == "integrated gradients":
-        return attribution.integrated_gradients(model, x, target, progress=False)
-    if method == "occlusion":
-        window = occlusion_window(x)
-        return attribution.occlusion(model, x, target, window=window, stride=max(1, window // 2),
-                                     progress=False)
-    if method == "guided backprop":
-        return attribution.guided_backprop(model, x, target)
-    if method == "Grad-CAM":
-        return attribution.gradcam(model, x, target, layer=settings.layer)
-    kind = "composite" if settings.rule in _LRP_COMPOSITES else "rule"
-    return attribution.lrp(model, x, target, **{kind: settings.rule})
+    """The attribution the settings ask for, ``B x C x H x W`` (``B x 1 x H x W`` for Grad-CAM):
+    the method's function with its options from the settings (a choice stands for the keyword
+    arguments it names) and :func:`view_options`."""
+    method = METHODS[settings.method]
+    options = view_options(method.function, x)
+    for name, option in method.options.items():
+        value = getattr(settings, name)
+        options.update(option.choices[value] if option.choices is not None else {name: value})
+    return method.function(model, x, target, **options)
+
+
+def view_options(function: Callable, x: torch.Tensor) -> dict:
+    """What every interactive view passes where the method takes it: no progress bar, the same
+    noise on every view, and an occlusion window sized to the image."""
+    takes = inspect.signature(function).parameters
+    fixed = {"progress": False,
+             "generator": torch.Generator(x.device).manual_seed(SMOOTHGRAD_SEED),
+             "window": occlusion_window(x), "stride": max(1, occlusion_window(x) // 2)}
+    return {name: value for name, value in fixed.items() if name in takes}
 
 
 def occlusion_window(x: torch.Tensor) -> int:
@@ -151,7 +143,7 @@ def compute_view(models: Mapping[str, nn.Module], images: torch.Tensor, settings
         target = int(probabilities.argmax()) if settings.target is None else settings.target
         _report(progress, 2 * len(views) + 1, total)
         attr = attribute(model, x, target, settings)
-        heatmap = attribution.to_heatmap(attr, METHODS[settings.method])[0]
+        heatmap = attribution.to_heatmap(attr, METHODS[settings.method].heatmap)[0]
         line = attribution.metrics.summary(model, x, target, heatmap[None])
         views.append(ModelView(name, x.cpu(), probabilities.cpu(), target, heatmap.cpu(), line))
         _report(progress, 2 * len(views), total)
@@ -177,19 +169,10 @@ def prediction_text(view: ModelView, classes: Sequence[str]) -> str:
 def figure(views: Sequence[ModelView], classes: Sequence[str], method: str) -> Figure:
     """One row: for each model, the image it sees with its prediction above, then the heatmap of
     the explained class (diverging colours around 0 for signed methods)."""
-    images = [plot._image_batch(view.image)[0] for view in views]
-    fig, axes = plot._grid(1, 2 * len(views), images[0].shape[0] / images[0].shape[1], cell=2.0,
-                           extra_width=0.5 * len(views))  # room for the colour bars
-    for view, image, (left, right) in zip(views, images, axes[0].reshape(-1, 2)):
-        plot._draw_image(left, image, (0.0, 1.0))
-        left.set_title(prediction_text(view, classes), fontsize=9)
-        maps = plot._map_batch(view.heatmap)
-        cmap, (norm,) = plot._map_norm(maps, None, same_scale=False)
-        drawn = right.imshow(maps[0], cmap=cmap, norm=norm)
-        right.set_title(f"{method} for {classes[view.target]}", fontsize=9)
-        right.set_xlabel(textwrap.fill(view.metrics, 34), fontsize=6.5)
-        fig.colorbar(drawn, ax=right, shrink=0.8)
-    return fig
+    return plot.side_by_side([view.image for view in views], [view.heatmap for view in views],
+                             [prediction_text(view, classes) for view in views],
+                             [f"{method} for {classes[view.target]}" for view in views],
+                             [view.metrics for view in views])
 
 
 def png(fig: Figure) -> bytes:
@@ -306,31 +289,40 @@ def _controls(classes: Sequence[str], names: Sequence[str], layers: Sequence[str
         "eps": widgets.FloatSlider(value=default.eps, min=0.0, max=eps_max, step=eps_max / 60,
                                    readout_format=".3f", description="ε", continuous_update=False,
                                    layout=widgets.Layout(width="28em"), **wide),
-        "n_samples": widgets.IntSlider(value=default.n_samples, min=1, max=100, description="N",
-                                       continuous_update=False, **wide),
-        "sigma": widgets.FloatSlider(value=default.sigma, min=0.0, max=0.5, step=0.01, description="σ",
-                                     continuous_update=False, **wide),
-        "layer": widgets.Dropdown(options=list(layers), value=layers[-1], description="layer", **wide),
-        "rule": widgets.Dropdown(options=list(LRP_RULES), value=default.rule, description="rule", **wide),
+        **{name: _control(name, option, layers) for name, option in OPTIONS.items()},
     }
 
 
-# The controls a method has: the others are hidden while it is chosen.
-_METHOD_OPTIONS = {"SmoothGrad": ("n_samples", "sigma"), "Grad-CAM": ("layer",), "LRP": ("rule",)}
+# how an option's name reads on its control
+_DESCRIPTIONS = {"n_samples": "N", "sigma": "σ"}
+
+
+def _control(name: str, option: attribution.Option, layers: Sequence[str]) -> widgets.ValueWidget:
+    """The widget for one method option: a dropdown of its choices (or of the layers), else a slider."""
+    common = {"description": _DESCRIPTIONS.get(name, name), "style": {"description_width": "initial"}}
+    if option.layer:
+        return widgets.Dropdown(options=list(layers), value=layers[-1], **common)
+    if option.choices is not None:
+        return widgets.Dropdown(options=list(option.choices), value=option.default, **common)
+    if isinstance(option.default, int):
+        return widgets.IntSlider(value=option.default, min=option.low, max=option.high,
+                                 continuous_update=False, **common)
+    return widgets.FloatSlider(value=option.default, min=option.low, max=option.high, step=option.step,
+                               continuous_update=False, **common)
 
 
 def _show_relevant(controls: dict) -> None:
-    wanted = _METHOD_OPTIONS.get(controls["method"].value, ())
-    for options in _METHOD_OPTIONS.values():
-        for name in options:
-            controls[name].layout.display = None if name in wanted else "none"
+    """Show the controls of the chosen method's options, hide the other options' controls."""
+    wanted = METHODS[controls["method"].value].options
+    for name in OPTIONS:
+        controls[name].layout.display = None if name in wanted else "none"
 
 
 def _layout(controls: dict) -> widgets.Widget:
     c = controls
     return widgets.VBox([widgets.HBox([c["image"], c["method"], c["target"]]),
                          widgets.HBox([c["attack"], c["eps"]]),
-                         widgets.HBox([c["n_samples"], c["sigma"], c["layer"], c["rule"]])])
+                         widgets.HBox([c[name] for name in OPTIONS])])
 
 
 def explore(model: nn.Module, images: torch.Tensor, labels=None, classes: Sequence[str] | None = None,

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import attacks
-from ._core import (batches, check_images, check_model, hooks, logits_for, model_device,
-                    preserved, resolve_layer)
+from ._core import (batches, check_images, check_model, check_number, check_positive_int, hooks,
+                    input_channels, logits_for, model_device, per_sample_norm, preserved, resolve_layer)
 from .models import classifier_layer, features
 
 _LOGITS = "<logits>"  # the site of class units: the model's output (no layer has this name)
@@ -235,10 +235,10 @@ def _random_shift(jitter: int, generator) -> tuple[int, int]:
 
 
 def _noise_images(model, batch: int, image_shape, noise: float, generator) -> torch.Tensor:
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is not None and first_conv.in_channels != image_shape[0]:
-        raise ValueError(f"the model takes {first_conv.in_channels}-channel images but image_shape "
-                         f"is {tuple(image_shape)}; pass image_shape=({first_conv.in_channels}, H, W)")
+    channels = input_channels(model)
+    if channels is not None and channels != image_shape[0]:
+        raise ValueError(f"the model takes {channels}-channel images but image_shape "
+                         f"is {tuple(image_shape)}; pass image_shape=({channels}, H, W)")
     if not 0 < noise <= 1:
         raise ValueError(f"noise must be in (0, 1], got {noise!r}")
     # drawn on the CPU so that a seed gives the same start on every device
@@ -259,8 +259,7 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
     root-mean-square change of a pixel per step), ``Proj`` the projection onto [0, 1] and, when
     ``eps`` is given, onto the L2 ball of radius ``eps`` around the start (the "feature
     visualization" of robust models, Engstrom et al. 2019), and ``R`` the image priors of
-    ``regularization`` (see :class:`Regularization`; ``None``: plain ascent). Each step is one
-    L2 step of :func:`labkit.attacks.pgd` with the unit as its ``loss_fn``.
+    ``regularization`` (see :class:`Regularization`; ``None``: plain ascent).
 
     ``objective``: a unit (``("class", 3)``, ``Channel("conv3", 5)``, ...) for all images, or a
     list with one unit per image, optimized together in one batch. ``x0``: the images to start
@@ -269,9 +268,8 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
     steps to draw its classes). Returns the images, in [0, 1], detached.
     """
     check_model(model)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if lr <= 0:
+    check_positive_int(steps, "steps")
+    if check_number(lr, "lr") <= 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     regularization = Regularization() if regularization is None else regularization
     if not isinstance(regularization, Regularization):
@@ -283,26 +281,30 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
     start = (_noise_images(model, len(units), image_shape, noise, generator) if x0 is None
              else x0.detach())
     step_size = lr * math.sqrt(start[0].numel())
-    radius = math.inf if eps is None else eps
     x = start
     with preserved(model):
         for step in tqdm(range(1, steps + 1), desc="maximize", disable=not progress, leave=False):
-            shift = _random_shift(regularization.jitter, generator)
-            centre = start if eps is not None else x
-            x = attacks.pgd(model, centre, 0, eps=radius, step_size=step_size, steps=1, norm="l2",
-                            random_start=x - centre, loss_fn=_shifted_objective(units, shift))
+            g = _unit_gradient(model, x, units, _random_shift(regularization.jitter, generator))
+            x = x + step_size * g / per_sample_norm(g)
+            x = x.clamp(0, 1) if eps is None else _within(x, start, eps)
             x = regularization.apply(x, step)
             if eps is not None:
-                x = (start + attacks.project(x - start, eps, "l2")).clamp(0, 1)
+                x = _within(x, start, eps)
     return x.detach()
 
 
-def _shifted_objective(units: list, shift: tuple[int, int]):
-    """A ``loss_fn`` for :func:`labkit.attacks.pgd`: the units' values (image ``i`` for
-    ``units[i]``) read on the images rolled by ``shift``; ``y`` is unused."""
-    def loss_fn(model, x, y):
-        return _unit_values(model, x.roll(shift, dims=(2, 3)), units)
-    return loss_fn
+def _unit_gradient(model: nn.Module, x: torch.Tensor, units: list, shift: tuple[int, int]) -> torch.Tensor:
+    """The gradient of each image's unit value (image ``i`` for ``units[i]``), read on the
+    images rolled by ``shift`` (the jitter prior)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(_unit_values(model, x.roll(shift, dims=(2, 3)), units).sum(), x)
+    return grad
+
+
+def _within(x: torch.Tensor, start: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x`` projected onto the L2 ball of radius ``eps`` around ``start`` and onto [0, 1]."""
+    return (start + attacks.project(x - start, eps, "l2")).clamp(0, 1)
 
 
 class Transfer(NamedTuple):
@@ -324,8 +326,7 @@ def class_transfer(model: nn.Module, other: nn.Module, per_class: int = 1,
     that a robust model mostly does not recognise. On the shipped Fashion-MNIST models, 100
     steps: 80 % and 24 % (chance: 10 %), see ``tests/benchmarks/bench_featvis_transfer.py``."""
     check_model(other)
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class must be an int >= 1, got {per_class!r}")
+    check_positive_int(per_class, "per_class")
     num_classes = classifier_layer(model).out_features
     targets = torch.arange(num_classes).repeat(per_class)
     images = maximize(model, [ClassLogit(int(c)) for c in targets], **maximize_options)

@@ -23,7 +23,7 @@ capped by cgroups, a wall-clock limit), and the verdicts are computed *outside* 
    (a temporary file or folder renamed into place), so a crash or a kill leaves the previous ones.
 
 The sandbox's labkit is a copy in which the references of the lesson's checks, and labkit
-helpers that return the same answer (``_core.input_gradient`` for ``attribution.gradient``),
+helpers that return the same answer (``attribution.gradients._logit_gradient`` for ``attribution.gradient``),
 raise instead of computing it; handing in or wrapping labkit's own function therefore cannot
 pass. Functions the lesson notebook itself uses stay (the grader lists them when it starts).
 

@@ -18,6 +18,7 @@ the value of a cell (use ``display(fig)`` elsewhere in a cell, ``fig.savefig`` i
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -235,6 +236,30 @@ def overlay(image, heatmap, alpha: float = 0.5, signed=None, colorbar: bool = Fa
             ax.set_title(str(label), fontsize=8)
         if colorbar:
             fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def side_by_side(images, maps, image_titles, map_titles, map_notes=None, cell: float = 2.0) -> Figure:
+    """One row: each image (``1 x C x H x W`` or ``C x H x W``) followed by its map (``H x W``)
+    with its own colour bar, colours as in :func:`heatmap` (signed maps diverge around 0).
+    ``map_notes``: a small line of text under each map (the explorer's metrics). The explorer
+    draws a standard and a robust model's view this way."""
+    images = [_image_batch(image, "images")[0] for image in images]
+    maps = [_map_batch(m, "maps") for m in maps]
+    if not images or len(maps) != len(images):
+        raise ValueError(f"give one map per image: {len(images)} images, {len(maps)} maps")
+    fig, axes = _grid(1, 2 * len(images), images[0].shape[0] / images[0].shape[1], cell=cell,
+                      extra_width=0.5 * len(images))  # room for the colour bars
+    notes = map_notes if map_notes is not None else [""] * len(images)
+    for image, m, image_title, map_title, note, (left, right) in zip(
+            images, maps, image_titles, map_titles, notes, axes[0].reshape(-1, 2)):
+        _draw_image(left, image, (0.0, 1.0))
+        left.set_title(image_title, fontsize=9)
+        cmap, (norm,) = _map_norm(m, None, same_scale=False)
+        fig.colorbar(right.imshow(m[0], cmap=cmap, norm=norm), ax=right, shrink=0.8)
+        right.set_title(map_title, fontsize=9)
+        if note:
+            right.set_xlabel(textwrap.fill(note, 34), fontsize=6.5)
     return fig
 
 

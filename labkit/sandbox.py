@@ -270,7 +270,7 @@ def plan_view(specs, notebook_sources: list[str], root: Path = LABKIT_DIR):
 
     Removed: the references of the lesson's checks, and every labkit function they reach that
     takes a gradient and, called on a check's inputs, returns the reference's answer
-    (``_core.input_gradient`` for ``attribution.gradient``): what a "wrapper around labkit's own
+    (``attribution.gradients._logit_gradient`` for ``attribution.gradient``): what a "wrapper around labkit's own
     function" would call. Kept although they would be removed: those the lesson notebook itself
     uses, or reaches through what it uses (the student's notebook must run).
     """

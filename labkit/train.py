@@ -15,7 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import attacks
-from ._core import hooks, model_device
+from ._core import check_positive_int, get_device, hooks, model_device, seed_everything
+from .data import as_tensors
 from .models import classifier_layer
 
 
@@ -119,10 +120,6 @@ def _logits_and_representation(model: nn.Module, x: torch.Tensor):
     return logits, phi.flatten(1)
 
 
-def _tensors(data):
-    return attacks._as_tensors(data)
-
-
 def fit(model: nn.Module, train_data, epochs: int, adversary=None, *, lr: float = 2e-3,
         batch_size: int = 128, weight_decay: float = 0.0, eps_warmup_epochs: float = 0,
         test_data=None, seed: int = 0, callback=None, progress: bool = True) -> list[dict]:
@@ -136,10 +133,9 @@ def fit(model: nn.Module, train_data, epochs: int, adversary=None, *, lr: float 
     attribution of fixed test images changes as training goes on. Data lives on the model's
     device; shuffling is seeded.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+    check_positive_int(epochs, "epochs")
     device = model_device(model)
-    x_all, y_all = (t.to(device) for t in _tensors(train_data))
+    x_all, y_all = (t.to(device) for t in as_tensors(train_data))
     steps_per_epoch = (len(y_all) + batch_size - 1) // batch_size
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
@@ -208,7 +204,6 @@ EVAL_EPS = 0.1  # the L-inf eps the shipped L-inf model is trained and evaluated
 def _evaluate(model, test, progress, norm: str = "linf", eps: float = EVAL_EPS):
     """Clean, one-step and PGD-40 (step eps / 10) accuracy in the recipe's threat model (the
     one-step attack is FGSM for L-inf and one normalized-gradient step of length eps for L2)."""
-    from . import seed_everything
     seed_everything(0)
     one_step = (dict(attack=attacks.fgsm, eps=eps) if norm == "linf" else
                 dict(attack=attacks.pgd, eps=eps, step_size=eps, steps=1, norm="l2"))
@@ -275,7 +270,6 @@ def main(argv=None):
     import argparse
     import sys
     import time
-    from . import get_device, seed_everything
     from .data import fashion_mnist
     from .models import WEIGHTS_DIR, FashionCNN, sha256_of
 
@@ -353,7 +347,7 @@ def _train_ibp(args, argv):
     import pathlib
     import sys
     import time
-    from . import certify, get_device, seed_everything
+    from . import certify
     from .data import fashion_mnist
     from .models import WEIGHTS_DIR, ibp_nets
     recipe = dict(IBP_RECIPES[args.name])

@@ -5,6 +5,8 @@ Peers (captum, pytorch-grad-cam) are in test_attribution_peers.py."""
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import itertools
 import warnings
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labkit import attribution
 from labkit.attribution import (completeness_gap, deletion_curve, gradcam, gradient, gradient_x_input,
                                 guided_backprop, guided_gradcam, insertion_curve, integrated_gradients,
                                 occlusion, path_points, sanity_check, smoothgrad, spearman, to_heatmap)
@@ -324,17 +327,11 @@ def test_batch_size_does_not_change_result(fashion, fashion_images, name):
 
 # --- bad inputs ----------------------------------------------------------------------------------
 
+# every registered method with its quick options, and the evaluation functions that call a model
 METHODS = {
-    "gradient": gradient,
-    "gradient_x_input": gradient_x_input,
-    "smoothgrad": lambda m, x, t, **kw: smoothgrad(m, x, t, n_samples=2, **kw),
-    "integrated_gradients": lambda m, x, t, **kw: integrated_gradients(m, x, t, steps=3, **kw),
+    **{name: functools.partial(m.function, **m.quick) for name, m in attribution.METHODS.items()},
     "completeness_gap": lambda m, x, t, **kw: completeness_gap(m, x, t, torch.zeros(x.shape, device=x.device),
                                                                **kw),
-    "occlusion": lambda m, x, t, **kw: occlusion(m, x, t, window=14, stride=14, **kw),
-    "guided_backprop": guided_backprop,
-    "gradcam": gradcam,
-    "guided_gradcam": guided_gradcam,
     "sanity_check": lambda m, x, t, **kw: sanity_check(gradient, m, x, t, progress=False, **kw),
     "deletion_curve": lambda m, x, t, **kw: deletion_curve(m, x, t, torch.ones(x.shape, device=x.device),
                                                            steps=2, **kw),
@@ -382,7 +379,7 @@ def test_unknown_layer_raises(fashion, method):
 @pytest.mark.parametrize("call,error,message", [
     (lambda m: smoothgrad(m, GOOD, 1, n_samples=0), ValueError, "n_samples must be >= 1"),
     (lambda m: smoothgrad(m, GOOD, 1, sigma=-0.1), ValueError, "sigma must be in"),
-    (lambda m: smoothgrad(m, GOOD, 1, batch_size=0), ValueError, "batch_size must be a positive int"),
+    (lambda m: smoothgrad(m, GOOD, 1, batch_size=0), ValueError, "batch_size must be >= 1"),
     (lambda m: integrated_gradients(m, GOOD, 1, baseline=torch.rand(3, 28, 28)), ValueError, "broadcasts"),
     (lambda m: integrated_gradients(m, GOOD, 1, baseline=2.0), ValueError, "baseline must be in"),
     (lambda m: integrated_gradients(m, GOOD, 1, method="simpson"), ValueError, "method must be one of"),
@@ -462,8 +459,10 @@ def prepared_model(fail_at):
     return model
 
 
-BATCHED = {"smoothgrad", "integrated_gradients", "occlusion", "deletion_curve", "insertion_curve"}
-ONE_FORWARD = {"gradient", "gradient_x_input", "guided_backprop", "gradcam", "guided_gradcam"}
+# methods that take batch_size run several forward passes; the other registered ones, one
+BATCHED = {name for name, m in attribution.METHODS.items()
+           if "batch_size" in inspect.signature(m.function).parameters} | {"deletion_curve", "insertion_curve"}
+ONE_FORWARD = set(attribution.METHODS) - BATCHED
 FAILURES = {"none": None, "bad target": "class indices", "forward raises": "injected",
             "later forward raises": "injected"}
 
@@ -505,3 +504,22 @@ def test_cuda_matches_cpu(fashion, method):
     for cpu, cuda in zip(on_cpu, on_cuda, strict=True):
         assert cuda.device.type == "cuda" and not cuda.requires_grad
         close(cuda.cpu(), cpu, rtol=1e-3)
+
+
+# --- the method table ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", attribution.METHODS)
+def test_each_table_row_fits_its_function(name):
+    """Its options and quick options are parameters of its function, its heatmap reduction is one
+    to_heatmap knows, each choice stands for arguments the function takes, and it is exported."""
+    method = attribution.METHODS[name]
+    parameters = inspect.signature(method.function).parameters
+    assert method.name == name == method.function.__name__ and getattr(attribution, name) is method.function
+    assert method.heatmap in attribution.evaluation.REDUCTIONS
+    assert set(method.quick) <= set(parameters)
+    for option_name, option in method.options.items():
+        if option.choices is None:
+            assert option_name in parameters
+        else:
+            assert option.default in option.choices
+            assert all(set(kwargs) <= set(parameters) for kwargs in option.choices.values())

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import labkit
+from labkit import attribution
 from labkit.attribution import (gradcam, gradient, gradient_x_input, guided_backprop, guided_gradcam,
                                 integrated_gradients, occlusion, smoothgrad)
 from labkit.models import FashionCNN, load
@@ -225,3 +226,27 @@ def test_gradcam_vs_pytorch_grad_cam(case, pytorch_grad_cam):
         theirs = cam(x, targets=[ClassifierOutputTarget(int(t)) for t in predicted])
     close((ours - low) / (high - low).clamp_min(1e-12), torch.from_numpy(theirs).to(x.device)[:, None],
           rtol=1e-3)
+
+
+# The peer comparison of every registered method (labkit.attribution.METHODS): a method added to
+# the table fails the test below until it gets one here (LRP's are in test_lrp.py, against zennit).
+PEER_TESTS = {
+    "gradient": "test_gradient_vs_saliency",
+    "gradient_x_input": "test_gradient_x_input_vs_input_x_gradient",
+    "smoothgrad": "test_smoothgrad_vs_noise_tunnel_with_shared_noise",
+    "integrated_gradients": "test_integrated_gradients_vs_captum",
+    "occlusion": "test_occlusion_vs_captum",
+    "guided_backprop": "test_guided_backprop_vs_captum",
+    "gradcam": "test_gradcam_vs_layer_gradcam",
+    "guided_gradcam": "test_guided_gradcam_vs_captum",
+    "lrp": "test_lrp.py::test_composites_match_zennit_on_fashion_cnn",
+}
+
+
+def test_every_registered_method_has_a_peer_test():
+    import pathlib
+    assert set(PEER_TESTS) == set(attribution.METHODS)
+    for test in PEER_TESTS.values():
+        module, _, name = test.rpartition("::")
+        source = pathlib.Path(__file__).with_name(module) if module else pathlib.Path(__file__)
+        assert f"def {name}(" in source.read_text(), f"{test} does not exist"

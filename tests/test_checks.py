@@ -531,3 +531,19 @@ def test_hints_never_show_reference_values(capsys):
     for check, wrong, _ in CASES:
         check(wrong)
     assert_no_reference_values(capsys.readouterr().out)
+
+
+def test_lessons_import_only_shared_modules():
+    """Each lesson's checks stand alone: a lessonNN module imports no other lesson module (nor
+    its private names), so editing one lesson's checks cannot change another lesson's grading."""
+    import ast
+    import pathlib
+    folder = pathlib.Path(checks.__file__).parent
+    lessons = sorted(folder.glob("lesson*.py"))
+    assert len(lessons) >= 10
+    for path in lessons:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported = [node.module or ""] + [a.name for a in node.names if not node.module]
+                assert not any(name.startswith("lesson") for name in imported), \
+                    f"{path.name} imports {imported}: move what it shares to _mistakes.py or _cases.py"

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import fx, nn
 
-from labkit._core import cam_layer_name, resolve_layer
+from labkit._core import resolve_layer
+from labkit.attribution.cam import cam_layer_name
 from labkit.data import sample_photos
 from labkit.models import features, load, sha256_of
 from labkit.models import efficientnet_lite as effnet

@@ -36,9 +36,11 @@ def expected_heatmap(model, x, target, settings):
         "occlusion": lambda: attribution.occlusion(model, x, target, window=4, stride=2, progress=False),
         "guided backprop": lambda: attribution.guided_backprop(model, x, target),
         "Grad-CAM": lambda: attribution.gradcam(model, x, target, layer=settings.layer),
+        "guided Grad-CAM": lambda: attribution.guided_gradcam(model, x, target, layer=settings.layer),
         "LRP": lambda: attribution.lrp(model, x, target, composite="epsilon_gamma_box"),
     }
-    reduce = "max_abs" if settings.method in ("gradient", "SmoothGrad", "guided backprop") else "sum"
+    reduce = "max_abs" if settings.method in ("gradient", "SmoothGrad", "guided backprop", "guided Grad-CAM") \
+        else "sum"
     return attribution.to_heatmap(calls[settings.method](), reduce)[0]
 
 
@@ -64,6 +66,12 @@ def test_pgd_target_and_no_labels(fmnist_cnn, batch):
     assert torch.equal(view.image, x_adv)
     assert view.target == 7
     torch.testing.assert_close(view.heatmap, attribution.gradient(fmnist_cnn, x_adv, 7).abs().amax(1)[0])
+
+
+def test_every_registered_method_is_offered_with_lrps_own_choices():
+    assert {m.name for m in METHODS.values()} == set(attribution.METHODS)
+    from labkit.attribution.lrp import NAMED
+    assert LRP_RULES == tuple(NAMED) and "zbox" not in LRP_RULES and "epsilon_gamma_box" in LRP_RULES
 
 
 def test_occlusion_window_scales_with_the_image():

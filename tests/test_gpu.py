@@ -15,6 +15,7 @@ at most one image's outcome (fooled or not) of 64.
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -91,30 +92,24 @@ def deletion_curve_of_random_ranks(model, x, y):
     return A.deletion_curve(model, x, y, attr, steps=10, progress=False)
 
 
-FASHION_METHODS = {
-    "gradient": A.gradient,
-    "gradient_x_input": A.gradient_x_input,
-    "smoothgrad": lambda m, x, y: A.smoothgrad(m, x, y, n_samples=8, progress=False),
-    "integrated_gradients": lambda m, x, y: A.integrated_gradients(m, x, y, steps=16, progress=False),
-    "occlusion": lambda m, x, y: A.occlusion(m, x, y, window=4, stride=2, progress=False),
-    "guided_backprop": A.guided_backprop,
-    "gradcam": lambda m, x, y: A.gradcam(m, x, y, layer="conv5"),
-    "guided_gradcam": lambda m, x, y: A.guided_gradcam(m, x, y, layer="conv4"),
-    "lrp epsilon": lambda m, x, y: A.lrp(m, x, y, rule="epsilon"),
-    "lrp gamma": lambda m, x, y: A.lrp(m, x, y, rule="gamma", gamma=0.25),
-    "lrp epsilon_plus_flat": lambda m, x, y: A.lrp(m, x, y, composite="epsilon_plus_flat"),
-    "lrp epsilon_alpha2_beta1": lambda m, x, y: A.lrp(m, x, y, composite="epsilon_alpha2_beta1"),
-    "deletion_curve": deletion_curve_of_random_ranks,
-}
+def registered(all_choices: bool) -> dict:
+    """Every method of labkit.attribution.METHODS with its quick options; with ``all_choices``
+    once per choice of its choice options (LRP: each of its rules and composites), else with
+    the option's default choice."""
+    table = {}
+    for name, method in A.METHODS.items():
+        choices = {"": {}}
+        for option in method.options.values():
+            if option.choices is not None:
+                choices = (option.choices if all_choices
+                           else {option.default: option.choices[option.default]})
+        for choice, options in choices.items():
+            table[f"{name} {choice}".strip()] = functools.partial(method.function, **method.quick, **options)
+    return table
 
-EFFNET_METHODS = {
-    "gradient": A.gradient,
-    "smoothgrad": lambda m, x, y: A.smoothgrad(m, x, y, n_samples=4, progress=False),
-    "integrated_gradients": lambda m, x, y: A.integrated_gradients(m, x, y, steps=4, progress=False),
-    "gradcam": lambda m, x, y: A.gradcam(m, x, y, layer="head.conv"),
-    "guided_gradcam": lambda m, x, y: A.guided_gradcam(m, x, y, layer="head.conv"),
-    "lrp epsilon_plus": lambda m, x, y: A.lrp(m, x, y, composite="epsilon_plus"),
-}
+
+FASHION_METHODS = {**registered(all_choices=True), "deletion_curve": deletion_curve_of_random_ranks}
+EFFNET_METHODS = registered(all_choices=False)
 
 
 @pytest.mark.parametrize("method", FASHION_METHODS)

@@ -81,9 +81,9 @@ def attacks(secrets: dict) -> dict[str, nbformat.NotebookNode]:
             gradient = lambda model, x, target: attribution.gradient(model, x, target)
             """, solution=False),
         "forge_private_helper": attack("""\
-            from labkit import _core
+            from labkit.attribution import gradients
             def gradient(model, x, target):
-                return _core.input_gradient(model, x, target)[0]
+                return gradients._logit_gradient(model, x, target)
             """, solution=False),
         "forge_thread": attack("""\
             import threading
@@ -549,7 +549,7 @@ def test_csv_cells_that_look_like_formulas_are_escaped(tmp_path):
 def test_the_sandbox_copy_of_labkit_has_no_reference_of_the_lesson(tmp_path):
     specs = grade.check_specs()
     removed, kept = sandbox.plan_view([specs["check_gradient"]], [])
-    assert {q for _, q in removed} == {"gradient", "input_gradient"} and not kept
+    assert {q for _, q in removed} == {"gradient", "_logit_gradient"} and not kept
     view = sandbox.build_view(tmp_path / "view", removed, "90_tiny")
     source = (view / "attribution" / "gradients.py").read_text()
     assert "not available while lesson 90_tiny is graded" in source

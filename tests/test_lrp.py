@@ -4,6 +4,7 @@ left exactly as it was."""
 from __future__ import annotations
 
 import copy
+import importlib
 import importlib.util
 import warnings
 
@@ -442,3 +443,79 @@ def test_the_model_is_unchanged_also_when_lrp_raises(case):
                                                   "bn order": "does not take its output"}[case]):
                 call()
     _same_state(before, _state(model))
+
+
+# ---- modules of a model's own declare their LRP role --------------------------------------------
+
+class _Sum(nn.Module):
+    """A residual sum of this test's own, unknown to labkit: it declares its role."""
+    lrp_role = "proportional"
+
+    def forward(self, a, b):
+        return a + b
+
+
+class _Undeclared(_Sum):
+    lrp_role = None  # the same sum without a role: LRP hands it the plain gradient
+
+
+class _Scale(nn.Module):
+    """An elementwise input transform with a learnable parameter, declared pass-through."""
+    lrp_role = "passthrough"
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class _ToyResidual(nn.Module):
+    def __init__(self, add):
+        super().__init__()
+        self.scale, self.conv1 = _Scale(), nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.conv2, self.relu, self.add = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.ReLU(), add
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3, bias=False))
+
+    def forward(self, x):
+        a = self.relu(self.conv1(self.scale(x)))
+        return self.head(self.add(a, self.relu(self.conv2(a))))
+
+
+def test_a_module_declares_its_lrp_role_and_lrp_follows_it():
+    torch.manual_seed(0)
+    model = _ToyResidual(_Sum()).double().eval()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.double)
+    logits = model(x).detach()
+    target = logits.argmax(1)
+    relevance = lrp(model, x, target, rule="epsilon", epsilon=1e-9)
+    # bias-free: relevance is conserved through the declared sum and the declared scale
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), logits.gather(1, target[:, None]).squeeze(1),
+                               rtol=1e-5, atol=1e-6)  # the stabilizers (1e-6) absorb a little
+    undeclared = _ToyResidual(_Undeclared()).double().eval()
+    undeclared.load_state_dict(model.state_dict())
+    # without a role the sum passes the gradient to both summands: relevance is no longer conserved,
+    # and the parameterized scale is refused as a layer LRP has no rule for
+    undeclared.scale.lrp_role = None
+    with pytest.raises(ValueError, match="no rule for layer 'scale'"):
+        lrp(undeclared, x, target, rule="epsilon", epsilon=1e-9)
+    undeclared.scale.lrp_role = "passthrough"
+    total = lrp(undeclared, x, target, rule="epsilon", epsilon=1e-9).sum((1, 2, 3))
+    assert (total - logits.gather(1, target[:, None]).squeeze(1)).abs().max() > 1e-2
+
+
+def test_an_unknown_lrp_role_is_refused():
+    model = _ToyResidual(_Sum()).eval()
+    model.add.lrp_role = "residual"
+    with pytest.raises(ValueError, match="lrp_role must be one of"):
+        lrp(model, torch.rand(1, 1, 8, 8), 0)
+
+
+def test_lrp_imports_no_model():
+    import ast
+    import pathlib
+    lrp_module = importlib.import_module("labkit.attribution.lrp")  # the attribute is the function
+    tree = ast.parse(pathlib.Path(lrp_module.__file__).read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not any("models" in name for name in imported), imported

@@ -140,7 +140,7 @@ def test_robust_model_clean_and_robust_accuracy(fmnist_cnn_robust, fashion_test)
 
 def _background_gradient_share(model, x, y):
     """Mean share of the input gradient's energy (g squared) that falls on background pixels."""
-    grad, _ = labkit._core.input_gradient(model, x, y)
+    grad = labkit.attribution.gradient(model, x, y)
     energy, background = grad.pow(2), (x < 0.05).float()
     return ((energy * background).sum((1, 2, 3)) / energy.sum((1, 2, 3))).mean().item()
 

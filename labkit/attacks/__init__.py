@@ -10,7 +10,7 @@ transfer attack), :mod:`.apgd` (Auto-PGD), :mod:`.square` (the Square Attack, bl
 from __future__ import annotations
 
 from ._common import NORMS, project, random_delta
-from .evaluation import ATTACKS, TransferResult, _as_tensors, accuracy, robustness_curve, transfer
+from .evaluation import ATTACKS, TransferResult, accuracy, robustness_curve, transfer
 from .apgd import apgd
 from .autoattack import Evaluation, evaluate
 from .gradient import fgsm, gradient_step, pgd

@@ -1,42 +1,13 @@
-"""What every attack shares: argument checks, the eps-ball (projection and random starts) and the
-gradient of the attack loss."""
+"""What every attack shares: the eps-ball (projection and random starts) and the gradient of the
+attack loss. Argument checks: labkit._core."""
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
-from .._core import check_target, logits_for
+from .._core import check_target, logits_for, per_sample_norm
 
 NORMS = ("linf", "l2")
-
-
-def check_eps(value, name: str = "eps") -> float:
-    """A number >= 0 (``math.inf`` allowed: no ball at all)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value}")
-    return float(value)
-
-
-def check_steps(steps, name: str = "steps") -> int:
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {steps!r}")
-    return int(steps)
-
-
-def check_norm(norm) -> str:
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return norm
-
-
-def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each sample, shaped ``B x 1 x 1 x 1`` to broadcast, kept away from 0."""
-    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
 
 
 def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

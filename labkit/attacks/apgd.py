@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._core import check_images, check_target, logits_for, preserved
-from ._common import check_eps, check_norm, check_steps, per_sample_norm, project
+from .._core import (check_choice, check_eps, check_images, check_positive_int, check_target, logits_for,
+                     per_sample_norm, preserved)
+from ._common import NORMS, project
 
 LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -132,7 +133,8 @@ def apgd(model: nn.Module, x: torch.Tensor, y, eps: float, norm: str = "linf", s
     random starts drawn from a generator seeded with ``seed`` (torch's global one is untouched).
     """
     check_images(x, model)
-    eps, norm, steps, restarts = check_eps(eps), check_norm(norm), check_steps(steps), check_steps(restarts, "restarts")
+    eps, norm = check_eps(eps), check_choice(norm, "norm", NORMS)
+    steps, restarts = check_positive_int(steps, "steps"), check_positive_int(restarts, "restarts")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if not 0 < rho <= 1:

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._core import batches, check_images, check_model, check_target, logits_for, model_device, preserved
-from ._common import check_eps, check_norm, check_steps
+from .._core import (batches, check_choice, check_eps, check_images, check_model, check_positive_int, check_target,
+                     logits_for, model_device, preserved)
+from ..data import as_tensors
+from ._common import NORMS
 from .apgd import apgd
-from .evaluation import _as_tensors
 from .square import square
 
 ATTACK_ORDER = ("apgd-ce", "apgd-t", "square")
@@ -53,9 +54,9 @@ def evaluate(model: nn.Module, data, eps: float, norm: str = "linf", steps: int 
     the standard AutoAttack is left out.)
     """
     check_model(model)
-    eps, norm = check_eps(eps), check_norm(norm)
-    steps, queries, restarts = check_steps(steps), check_steps(queries, "queries"), check_steps(restarts, "restarts")
-    x_all, y_all = _as_tensors(data, limit)
+    eps, norm = check_eps(eps), check_choice(norm, "norm", NORMS)
+    steps, queries, restarts = (check_positive_int(v, n) for v, n in ((steps, "steps"), (queries, "queries"), (restarts, "restarts")))
+    x_all, y_all = as_tensors(data, limit)
     check_images(x_all, None, name="data's images")
     device = model_device(model)
     robust, clean_correct, zero_grad, randomized = torch.zeros(len(y_all), dtype=torch.bool), 0, 0, 0

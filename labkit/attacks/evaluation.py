@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .._core import batches, check_images, check_model, check_target, logits_for, model_device, preserved
-from ._common import check_eps
+from .._core import (batches, check_eps, check_images, check_model, check_target, logits_for, model_device,
+                     preserved)
+from ..data import as_tensors
 from .apgd import apgd
 from .gradient import fgsm, gradient_step, pgd
 from .minimal import deepfool
@@ -31,28 +31,6 @@ def _resolve_attack(attack):
     return attack
 
 
-def as_tensors(data, limit=None):
-    """``(images, labels)`` from an ``(images, labels)`` pair, a dataset with ``.tensors()``
-    (labkit's Fashion-MNIST), a ``torch.utils.data.TensorDataset`` (whose ``.tensors`` is the
-    pair itself, not a method) or any dataset of ``(image, label)`` items; the first ``limit``."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
-        x, y = data
-    elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        x, y = data.tensors
-    elif callable(getattr(data, "tensors", None)):
-        x, y = data.tensors()
-    else:
-        items = [data[i] for i in range(len(data))]
-        x = torch.stack([item[0] for item in items])
-        y = torch.as_tensor([int(item[1]) for item in items])
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
-    return x, y
-
-
-_as_tensors = as_tensors  # the name labkit.train and older callers use
-
-
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """How many of ``x`` the model classifies as ``y``."""
     check_images(x, model)
@@ -67,7 +45,7 @@ def accuracy(model: nn.Module, data, attack=None, batch_size: int = 500, limit: 
     in batches of ``batch_size`` moved to the model's device."""
     check_model(model)
     attack = None if attack is None else _resolve_attack(attack)
-    x_all, y_all = _as_tensors(data, limit)
+    x_all, y_all = as_tensors(data, limit)
     device, correct = model_device(model), 0
     for part in tqdm(batches(len(y_all), batch_size), desc="accuracy", disable=not progress, leave=False):
         x, y = x_all[part].to(device), y_all[part].to(device)
@@ -92,7 +70,7 @@ def robustness_curve(model: nn.Module, data, attack, eps_list, batch_size: int =
     eps_list = [check_eps(eps) for eps in eps_list]
     if not eps_list or len(set(eps_list)) != len(eps_list):
         raise ValueError(f"eps_list must hold distinct eps values, got {eps_list}")
-    x_all, y_all = _as_tensors(data, limit)
+    x_all, y_all = as_tensors(data, limit)
     device, correct = model_device(model), [0] * len(eps_list)
     parts = batches(len(y_all), batch_size)
     with tqdm(total=len(parts) * len(eps_list), desc="robustness", disable=not progress, leave=False) as bar:

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._core import check_images, check_target, preserved
-from ._common import check_eps, check_norm, check_steps, loss_gradient, per_sample_norm, project, random_delta
+from .._core import (check_choice, check_eps, check_images, check_positive_int, check_target, per_sample_norm,
+                     preserved)
+from ._common import NORMS, loss_gradient, project, random_delta
 
 
 def _class_targets(x: torch.Tensor, y) -> torch.Tensor:
@@ -88,7 +89,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y, eps: float, step_size: float | Non
     images cost nothing once fooled.
     """
     check_images(x, model)
-    eps, norm, steps = check_eps(eps), check_norm(norm), check_steps(steps)
+    eps, norm, steps = check_eps(eps), check_choice(norm, "norm", NORMS), check_positive_int(steps, "steps")
     step_size = 2.5 * eps / steps if step_size is None else check_eps(step_size, "step_size")
     if early_stop and loss_fn is not None:
         raise ValueError("early_stop watches the model's classification, which needs the default "

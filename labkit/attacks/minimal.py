@@ -2,22 +2,19 @@
 with no eps to choose."""
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._core import batches, check_images, check_target, logits_for, preserved
-from ._common import check_eps, check_steps
+from .._core import batches, check_eps, check_images, check_positive_int, check_target, logits_for, preserved
 
 
 def _candidate_classes(logits: torch.Tensor, label: torch.Tensor, candidates) -> torch.Tensor:
     """``B x m``: each image's label first, then the ``m - 1`` other classes it scores highest,
     in class order (all classes when ``candidates`` is None)."""
     num_classes = logits.shape[1]
-    count = num_classes if candidates is None else candidates
-    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 2 <= count <= num_classes:
+    count = num_classes if candidates is None else check_positive_int(candidates, "candidates")
+    if not 2 <= count <= num_classes:
         raise ValueError(f"candidates must be None or an int in [2, {num_classes}] (the model's "
                          f"classes), got {candidates!r}")
     ranked = logits.argsort(dim=1, descending=True)
@@ -85,7 +82,7 @@ def deepfool(model: nn.Module, x: torch.Tensor, steps: int = 50, overshoot: floa
     without crossing it, which on fmnist-cnn leaves many test images unflipped after 50 steps.
     """
     check_images(x, model)
-    steps, overshoot = check_steps(steps), check_eps(overshoot, "overshoot")
+    steps, overshoot = check_positive_int(steps, "steps"), check_eps(overshoot, "overshoot")
     with preserved(model):
         with torch.no_grad():
             logits = logits_for(model, x)

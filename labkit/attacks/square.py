@@ -8,8 +8,9 @@ import math
 import torch
 from torch import nn
 
-from .._core import check_images, check_target, logits_for, preserved
-from ._common import check_eps, check_norm, check_steps, per_sample_norm
+from .._core import (check_choice, check_eps, check_images, check_positive_int, check_target, logits_for,
+                     per_sample_norm, preserved)
+from ._common import NORMS
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -136,8 +137,8 @@ def square(model: nn.Module, x: torch.Tensor, y, eps: float, norm: str = "linf",
     (the same result on every device; torch's global generator is untouched).
     """
     check_images(x, model)
-    eps, norm = check_eps(eps), check_norm(norm)
-    queries, restarts = check_steps(queries, "queries"), check_steps(restarts, "restarts")
+    eps, norm = check_eps(eps), check_choice(norm, "norm", NORMS)
+    queries, restarts = check_positive_int(queries, "queries"), check_positive_int(restarts, "restarts")
     if not 0 < p_init <= 1:
         raise ValueError(f"p_init must be in (0, 1], got {p_init}")
     x0 = x.detach()

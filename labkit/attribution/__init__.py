@@ -16,7 +16,8 @@ Modules by family: ``gradients`` (gradient, gradient x input, SmoothGrad, integr
 gradients), ``perturbation`` (occlusion), ``cam`` (guided backprop, Grad-CAM, guided Grad-CAM),
 ``lrp`` (layer-wise relevance propagation), ``evaluation`` (heatmaps, sanity check,
 deletion / insertion curves), ``metrics`` (ROAD, infidelity, max-sensitivity, sparseness,
-complexity, random logit: ``from labkit.attribution import metrics``).
+complexity, random logit: ``from labkit.attribution import metrics``). :data:`METHODS` lists every
+method with its heatmap reduction and options (:class:`Method`).
 """
 from .cam import guided_backprop, guided_gradcam, gradcam
 from .evaluation import (Curve, SanityCheck, deletion_curve, insertion_curve, sanity_check, spearman,
@@ -25,6 +26,16 @@ from .gradients import (completeness_gap, gradient, gradient_x_input, integrated
                         smoothgrad)
 from .lrp import AlphaBeta, Composite, Epsilon, Flat, Gamma, Rule, WSquare, ZBox, ZPlus, fold_batchnorm, lrp
 from .perturbation import occlusion
+from ._common import Method, Option
+from .cam import METHODS as _CAM
+from .gradients import METHODS as _GRADIENTS
+from .lrp import METHODS as _LRP
+from .perturbation import METHODS as _PERTURBATION
+
+# Every attribution method, by function name: what the explorer offers, the tests and device
+# checks run and the benchmarks time. A new method is one more ``Method`` row in its family's
+# module; a new family, one more line here.
+METHODS: dict[str, Method] = {m.name: m for m in (*_GRADIENTS, *_PERTURBATION, *_CAM, *_LRP)}
 from . import metrics  # noqa: E402  (after evaluation and gradients, which it uses)
 
 __all__ = ["gradient", "gradient_x_input", "smoothgrad", "integrated_gradients", "completeness_gap",
@@ -32,4 +43,4 @@ __all__ = ["gradient", "gradient_x_input", "smoothgrad", "integrated_gradients",
            "lrp", "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare", "Composite",
            "fold_batchnorm",
            "to_heatmap", "sanity_check", "SanityCheck", "spearman", "deletion_curve",
-           "insertion_curve", "Curve"]
+           "insertion_curve", "Curve", "METHODS", "Method", "Option"]

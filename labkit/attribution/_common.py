@@ -1,12 +1,17 @@
-"""What the attribution modules share: argument checks and the batching of many model
-evaluations into few forward passes. Private: the public functions call these."""
+"""What the attribution modules share: the check of model, images and target, how many model
+evaluations go into one forward pass (the loop itself is :func:`labkit._core.batched`), the
+target logits, and the row type of the method table (:class:`Method`, :class:`Option`).
+Private module: the public functions call these; ``Method`` and ``Option`` are exported by
+:mod:`labkit.attribution`."""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .._core import batches, check_images, check_model, check_target, logits_for
+from .._core import check_images, check_model, check_positive_int, check_target, logits_for
 
 # With batch_size=None a forward pass gets as many images as hold this many input values. On a
 # CPU big batches are slower per image once activations outgrow the caches, and single images
@@ -34,16 +39,7 @@ def per_forward(x: torch.Tensor, batch_size) -> int:
     """How many model evaluations go into one forward pass."""
     if batch_size is None:
         return default_per_forward(x)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    return batch_size
-
-
-def chunks(total: int, size: int, progress: bool, desc: str):
-    """Slices covering ``range(total)``, ``size`` at a time, with a progress bar when there
-    is more than one."""
-    slices = batches(total, size)
-    return tqdm(slices, desc=desc, disable=not progress or len(slices) == 1, leave=False)
+    return check_positive_int(batch_size, "batch_size")
 
 
 def checked_logits(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,37 +54,34 @@ def target_logits(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) 
     return checked_logits(model, inputs, target).gather(1, target[:, None]).squeeze(1)
 
 
-def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+# ---- the method table: each family module lists its methods in ``METHODS``; the package joins
+# them in ``labkit.attribution.METHODS``, which the explorer, the tests and the benchmarks iterate.
+
+@dataclass(frozen=True)
+class Option:
+    """A setting of a method that the explorer offers as a control: a number in ``[low, high]``
+    (an int slider when ``default`` is an int), one of ``choices`` (a name -> the keyword
+    arguments it stands for), or, with ``layer``, one of the model's layers."""
+    default: Any = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    choices: Mapping[str, dict] | None = None
+    layer: bool = False
 
 
-def check_number(value, name: str, low: float = float("-inf"), high: float = float("inf")) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return float(value)
-
-
-def check_reference(reference, x: torch.Tensor, name: str) -> torch.Tensor:
-    """A reference image (baseline, fill): a number in [0, 1] or a tensor in [0, 1] that
-    broadcasts to ``x``'s shape, on its device. Returns it expanded to ``x``'s shape."""
-    if not isinstance(reference, torch.Tensor):
-        value = check_number(reference, name, 0.0, 1.0)
-        return torch.full((), value, dtype=x.dtype, device=x.device).expand_as(x)
-    try:
-        expanded = reference.expand_as(x)
-    except RuntimeError as err:
-        raise ValueError(f"{name} must be a number or a tensor that broadcasts to the images' "
-                         f"shape {tuple(x.shape)}, got shape {tuple(reference.shape)}") from err
-    check_images(expanded, name=name)
-    if expanded.device != x.device:
-        raise ValueError(f"{name} is on {expanded.device} but the images are on {x.device}")
-    return expanded.detach().to(x.dtype)
+@dataclass(frozen=True)
+class Method:
+    """One attribution method: its ``function(model, x, target, **options)``, the ``label``
+    people read, how its map becomes a heatmap (``heatmap``: :func:`to_heatmap`'s ``reduce``,
+    ``"sum"`` where the sign carries meaning, ``"max_abs"`` otherwise), the ``options`` the
+    explorer offers, and ``quick``: options for a cheap call (tests, device checks)."""
+    name: str
+    function: Callable
+    label: str
+    heatmap: str
+    options: Mapping[str, Option] = field(default_factory=dict)
+    quick: Mapping[str, Any] = field(default_factory=dict)
 
 
 SCORES = ("probability", "logit")

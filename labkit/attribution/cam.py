@@ -6,10 +6,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._core import hooks, cam_layer_name, preserved, resolve_layer
-from ._common import prepare, target_logits
+from .._core import hooks, preserved, resolve_layer
+from ._common import Method, Option, prepare, target_logits
 
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+
+
+def cam_layer_name(model: nn.Module) -> str:
+    """Grad-CAM's default layer: the model's ``gradcam_layer`` attribute when it has one, else
+    the last ``nn.Conv2d`` in registration order. labkit's models point ``gradcam_layer`` at
+    their last *rectified* feature maps, as in the paper: before the ReLU, a map whose
+    weighted sum is negative everywhere gives an all-zero Grad-CAM (on FashionCNN's ``conv5``,
+    for about half of the test images)."""
+    if getattr(model, "gradcam_layer", None):
+        return model.gradcam_layer
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("the model has no nn.Conv2d layer; pass layer= explicitly")
+    return convs[-1]
 
 
 def _guide_relus(model: nn.Module, handles: list, active=lambda: True) -> None:
@@ -118,3 +132,10 @@ def guided_gradcam(model: nn.Module, x: torch.Tensor, target, layer=None) -> tor
         state["guided"] = True
         (input_grad,) = torch.autograd.grad(selected, inputs)
     return input_grad * _cam(outputs[-1], layer_grad, x.shape[-2:], relu=True, upsample=True)
+
+
+METHODS = (
+    Method("guided_backprop", guided_backprop, "guided backprop", "max_abs"),
+    Method("gradcam", gradcam, "Grad-CAM", "sum", options={"layer": Option(layer=True)}),
+    Method("guided_gradcam", guided_gradcam, "guided Grad-CAM", "max_abs", options={"layer": Option(layer=True)}),
+)

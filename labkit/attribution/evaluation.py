@@ -3,6 +3,7 @@ deletion / insertion curves that score faithfulness."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -10,10 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._core import check_images, preserved
+from .._core import batched, check_positive_int, check_reference, preserved
 from ..models import randomize
-from ._common import (check_positive_int, check_reference, check_score, chunks, class_score, per_forward,
-                      pixel_scores, prepare)
+from ._common import check_score, class_score, per_forward, pixel_scores, prepare
 
 REDUCTIONS = ("max_abs", "sum", "l2")
 
@@ -154,21 +154,17 @@ def _curve(model, x, target, attr, steps, baseline, score, reduce, batch_size, p
     check_score(score)
     heat = pixel_scores(attr, x, reduce)
     baseline = check_reference(baseline, x, "baseline")
-    batch, pixels = heat.shape[0], heat[0].numel()
+    pixels = heat[0].numel()
     # rank[b, p] = place of pixel p when image b's pixels are sorted by decreasing attribution
     order = heat.flatten(1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(pixels, device=x.device).expand_as(order))
     fractions = torch.linspace(0, 1, steps + 1, device=x.device, dtype=x.dtype)
-    counts = torch.tensor([round(k * pixels / steps) for k in range(steps + 1)], device=x.device)
-    scores = torch.empty(batch * (steps + 1), dtype=x.dtype, device=x.device)
     start, end = (x, baseline) if deleting else (baseline, x)
+    # step k changes the round(k * pixels / steps) most attributed pixels of each image
+    images = ((torch.where((rank < round(k * pixels / steps)).view(-1, 1, *x.shape[-2:]), end, start), target)
+              for k in range(steps + 1))
     with preserved(model), torch.no_grad():
-        for part in chunks(len(scores), per_forward(x, batch_size), progress,
-                           "Deletion" if deleting else "Insertion"):
-            index = torch.arange(part.start, part.stop, device=x.device)
-            image, step = index // (steps + 1), index % (steps + 1)
-            changed = (rank[image] < counts[step, None]).view(-1, 1, *x.shape[-2:])
-            images = torch.where(changed, end[image], start[image])
-            scores[part] = class_score(model, images, target[image], score)
-    scores = scores.view(batch, steps + 1)
+        scores = torch.stack(list(batched(functools.partial(class_score, model, score=score), images,
+                                          per_forward(x, batch_size), steps + 1, progress,
+                                          "Deletion" if deleting else "Insertion")), dim=1)
     return Curve(fractions, scores, torch.trapezoid(scores, fractions, dim=1))

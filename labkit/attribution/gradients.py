@@ -8,13 +8,24 @@ attributions random and batch-norm would update its statistics).
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
 
-from .._core import input_gradient, preserved
-from ._common import (check_number, check_positive_int, check_reference, chunks, per_forward,
-                      prepare, target_logits)
+from .._core import batched, check_number, check_positive_int, check_reference, preserved
+from ._common import Method, Option, per_forward, prepare, target_logits
+
+
+def _logit_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``df_t(x)/dx`` of each image, detached: the target logits summed over the batch, so each
+    image gets its own gradient whatever the batch size (the target classes are checked
+    against the model's output)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(target_logits(model, x, target).sum(), x)
+    return grad
 
 
 def gradient(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
@@ -26,7 +37,7 @@ def gradient(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
     """
     target = prepare(model, x, target)
     with preserved(model):
-        grad, _ = input_gradient(model, x, target)
+        grad = _logit_gradient(model, x, target)
     return grad
 
 
@@ -55,8 +66,8 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50,
     on the model's device, row ``b * n_samples + k`` for sample ``k`` of image ``b`` (captum
     NoiseTunnel's layout), so a seeded ``generator`` reproduces it and ``batch_size`` -- at most
     that many noisy copies per forward pass, bounding memory (None: sized for the device, see
-    :mod:`labkit.attribution`) -- changes the result only by
-    rounding. The noise itself takes ``n_samples`` copies of ``x`` in memory.
+    :mod:`labkit.attribution`) -- changes the result only by rounding. The noise itself takes
+    ``n_samples`` copies of ``x`` in memory.
     """
     target = prepare(model, x, target)
     check_positive_int(n_samples, "n_samples")
@@ -65,16 +76,15 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target, n_samples: int = 50,
         raise ValueError(f"generator is on {generator.device} but the images are on {x.device}; "
                          f"create it with torch.Generator(device={x.device.type!r})")
     x = x.detach()
-    spread = sigma * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+    spread = (sigma * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))).view(-1, 1, 1, 1)
     noise = torch.randn((x.shape[0] * n_samples, *x.shape[1:]), generator=generator,
-                        device=x.device, dtype=x.dtype)
+                        device=x.device, dtype=x.dtype).view(x.shape[0], n_samples, *x.shape[1:])
+    noisy_copies = ((x + noise[:, k] * spread, target) for k in range(n_samples))
     total = torch.zeros_like(x)
     with preserved(model):
-        for rows in chunks(len(noise), per_forward(x, batch_size), progress, "SmoothGrad"):
-            image = torch.arange(rows.start, rows.stop, device=x.device) // n_samples
-            noisy = x[image] + noise[rows] * spread[image, None, None, None]
-            grad, _ = input_gradient(model, noisy, target[image])
-            total.index_add_(0, image, grad.square() if squared else grad)
+        for grad in batched(functools.partial(_logit_gradient, model), noisy_copies,
+                            per_forward(x, batch_size), n_samples, progress, "SmoothGrad"):
+            total += grad.square() if squared else grad
     return total / n_samples
 
 
@@ -120,15 +130,13 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target, baseline=Non
     target = prepare(model, x, target)
     baseline = check_reference(0.0 if baseline is None else baseline, x, "baseline")
     alphas, weights = (t.to(x.dtype).to(x.device) for t in path_points(steps, method))  # MPS: no float64
-    x, total, batch = x.detach(), torch.zeros_like(x), x.shape[0]
+    x, total = x.detach(), torch.zeros_like(x)
+    path = ((baseline + alpha * (x - baseline), target) for alpha in alphas)
     with preserved(model):
-        for rows in chunks(steps * batch, per_forward(x, batch_size), progress, "Integrated gradients"):
-            index = torch.arange(rows.start, rows.stop, device=x.device)
-            step, image = index // batch, index % batch
-            alpha = alphas[step, None, None, None]
-            points = baseline[image] + alpha * (x[image] - baseline[image])
-            grad, _ = input_gradient(model, points, target[image])
-            total.index_add_(0, image, grad * weights[step, None, None, None])
+        for grad, weight in zip(batched(functools.partial(_logit_gradient, model), path,
+                                        per_forward(x, batch_size), steps, progress,
+                                        "Integrated gradients"), weights):
+            total += grad * weight
     return (x - baseline) * total
 
 
@@ -148,3 +156,14 @@ def completeness_gap(model: nn.Module, x: torch.Tensor, target, attributions: to
     with preserved(model), torch.no_grad():
         gain = target_logits(model, x, target) - target_logits(model, baseline.contiguous(), target)
     return attributions.detach().flatten(1).sum(1) - gain
+
+
+METHODS = (
+    Method("gradient", gradient, "gradient", "max_abs"),
+    Method("gradient_x_input", gradient_x_input, "gradient × input", "sum"),
+    Method("smoothgrad", smoothgrad, "SmoothGrad", "max_abs",
+           options={"n_samples": Option(20, 1, 100), "sigma": Option(0.15, 0.0, 0.5, 0.01)},
+           quick={"n_samples": 2, "progress": False}),
+    Method("integrated_gradients", integrated_gradients, "integrated gradients", "sum",
+           quick={"steps": 3, "progress": False}),
+)

@@ -11,12 +11,13 @@ relevance down; a :class:`Composite` says which layer gets which rule (by name, 
 
 - BatchNorm right after a conv / dense layer is folded into it (:func:`fold_batchnorm`); the
   rule sees the folded weights. A BatchNorm anywhere else passes relevance through unchanged.
-- Elementwise layers (ReLU, ReLU6 and other activations, the model's ``Normalize``): relevance
-  passes through unchanged (zennit's ``Pass``), so pixel relevance is the relevance at the
-  normalized input.
-- Average pooling and residual sums (``labkit.models.efficientnet_lite.Add``): each input gets
-  the share it contributed, ``R_i = x_i dz/dx_i R / z`` (zennit's ``Norm``; for ``a + b``:
-  ``R_a = a R / (a + b)``).
+- Elementwise layers (ReLU, ReLU6 and other activations, and every module that declares
+  ``lrp_role = "passthrough"``, such as the models' input ``Normalize``): relevance passes
+  through unchanged (zennit's ``Pass``), so pixel relevance is the relevance at the normalized
+  input.
+- Average pooling and every module that declares ``lrp_role = "proportional"`` (residual sums
+  such as EfficientNet-Lite's ``Add``): each input gets the share it contributed,
+  ``R_i = x_i dz/dx_i R / z`` (zennit's ``Norm``; for ``a + b``: ``R_a = a R / (a + b)``).
 - Everything else gets the plain gradient: max pooling sends the relevance to the winning
   input, padding drops the relevance of the padded border, flatten / dropout / identity keep it.
   Operations written inside a module's ``forward`` (``a + b``, ``F.relu``) are invisible to
@@ -32,21 +33,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._core import hooks, preserved, resolve_layer
-from ..models.efficientnet_lite import Add
-from ..models.fashion_cnn import Normalize
-from ._common import check_number, checked_logits, prepare
+from .._core import check_number, hooks, preserved, resolve_layer
+from ._common import Method, Option, checked_logits, prepare
 
 STABILIZER = 1e-6  # added to every denominator with its sign (0 counts as +), as in zennit
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ELEMENTWISE = (Normalize, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU,
                 nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid,
                 nn.Tanh, nn.Softplus)
 _PROPORTIONAL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, Add)
+                 nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+# A model's own module says how relevance crosses it with a class attribute ``lrp_role``, so that
+# LRP needs to know no model: "passthrough" (elementwise, like an activation or a normalization
+# of the input) or "proportional" (each input gets the share it contributed, like a residual sum).
+ROLES = ("passthrough", "proportional")
+
+
+def _role(module: nn.Module) -> str | None:
+    """The module's declared ``lrp_role``, else the role of its type (None: a rule's layer, a
+    BatchNorm, or the plain gradient)."""
+    role = getattr(module, "lrp_role", None)
+    if role is not None:
+        if role not in ROLES:
+            raise ValueError(f"{type(module).__name__}.lrp_role must be one of {ROLES}, got {role!r}")
+        return role
+    if isinstance(module, _ELEMENTWISE):
+        return "passthrough"
+    return "proportional" if isinstance(module, _PROPORTIONAL) else None
 
 
 # ---- the mechanism: one forward pass whose backward pass is the relevance propagation ----------
@@ -160,7 +176,9 @@ class _Layer:
 
 class Rule:
     """How a conv or dense layer passes relevance to its input: ``output(layer, a, z)`` returns
-    the layer output ``z`` (same values) whose backward maps output relevance to input relevance."""
+    the layer output ``z`` (same values) whose backward maps output relevance to input relevance.
+    ``first_layer_only``: the rule needs the pixels as its input (z^B)."""
+    first_layer_only = False
 
     def output(self, layer: _Layer, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -251,6 +269,7 @@ class ZBox(Rule):
     padded borders get ``l = h = 0``, as the conv's own zero padding does."""
     low: float | torch.Tensor = 0.0
     high: float | torch.Tensor = 1.0
+    first_layer_only = True  # no annotation: a class attribute, not a field
 
     def __post_init__(self):
         for name in ("low", "high"):
@@ -339,6 +358,10 @@ def epsilon_alpha2_beta1(epsilon: float = 1e-6) -> Composite:
 
 COMPOSITES = {f.__name__: f for f in (epsilon_plus, epsilon_plus_flat, epsilon_plus_box,
                                       epsilon_gamma_box, epsilon_alpha2_beta1)}
+# Every name lrp can apply to a whole network by itself, with the arguments it stands for: the
+# rules that fit any layer, then the composites.
+NAMED = {**{name: {"rule": name} for name, rule in RULES.items() if not rule.first_layer_only},
+         **{name: {"composite": name} for name in COMPOSITES}}
 
 
 def _build(table: dict, name: str, options: dict, what: str):
@@ -384,7 +407,7 @@ def _assign(model: nn.Module, rule, composite, options) -> list[tuple[str, nn.Mo
         chosen = (composite.rule_for(name, module, index == 0) if composite else None) or rule
         if not isinstance(chosen, Rule):
             raise TypeError(f"the composite gives layer {name!r} {chosen!r}, which is not a Rule")
-        if isinstance(chosen, ZBox) and index > 0:
+        if chosen.first_layer_only and index > 0:
             raise ValueError(f"z^B (ZBox) is a rule for the first layer ({layers[0][0]!r}), whose inputs "
                              f"are pixels, but it was given to {name!r}; use a composite such as "
                              f"'epsilon_gamma_box' or Composite(first=ZBox(low, high))")
@@ -504,10 +527,11 @@ def _input_box(model: nn.Module, module: nn.Module, rule: ZBox, x: torch.Tensor)
 
 def _check_supported(model: nn.Module) -> None:
     """Layers with parameters that no rule covers (LayerNorm, embeddings, ...) would get the plain
-    gradient, silently: refuse them."""
+    gradient, silently: refuse them, and modules that declare an unknown ``lrp_role``."""
     for name, m in model.named_modules():
+        role = _role(m)  # first: an unknown declared role is refused on every module
         has_parameters = any(True for _ in m.parameters(recurse=False))
-        if has_parameters and not isinstance(m, _LINEAR + _BATCHNORM + _ELEMENTWISE):
+        if has_parameters and not isinstance(m, _LINEAR + _BATCHNORM) and role is None:
             raise ValueError(f"lrp has no rule for layer {name!r} ({type(m).__name__}); it handles "
                              f"conv, dense, BatchNorm and elementwise layers")
 
@@ -525,9 +549,10 @@ def _register(model: nn.Module, assigned, x: torch.Tensor, handles: list) -> Non
             handles.append(layer.batchnorm.register_forward_hook(_batchnorm_hook(layer, rule, pending)))
     folded = {layer.batchnorm for layer, _ in layers}
     for m in model.modules():
-        if isinstance(m, _ELEMENTWISE) or (isinstance(m, _BATCHNORM) and m not in folded):
+        role = _role(m)
+        if role == "passthrough" or (isinstance(m, _BATCHNORM) and m not in folded):
             handles.append(m.register_forward_hook(_pass))
-        elif isinstance(m, _PROPORTIONAL):
+        elif role == "proportional":
             handles.append(m.register_forward_hook(_proportional))
 
 
@@ -562,6 +587,10 @@ def lrp(model: nn.Module, x: torch.Tensor, target, rule="epsilon", composite=Non
         (relevance,) = torch.autograd.grad(logits, x, start.detach())
     return relevance.detach()
 
+
+METHODS = (
+    Method("lrp", lrp, "LRP", "sum", options={"rule": Option("epsilon_gamma_box", choices=NAMED)}),
+)
 
 __all__ = ["lrp", "Rule", "Epsilon", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "Flat", "WSquare",
            "Composite", "fold_batchnorm"]

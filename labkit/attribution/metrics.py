@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._core import check_images, check_target, preserved
-from ._common import (check_number, check_positive_int, check_reference, check_score, chunks, class_score,
-                      per_forward, pixel_scores, prepare)
+from tqdm.auto import tqdm
+
+from .._core import (batches, check_images, check_number, check_positive_int, check_reference, check_target,
+                     preserved)
+from ._common import check_score, class_score, per_forward, pixel_scores, prepare
 from .evaluation import spearman, to_heatmap
 from .gradients import completeness_gap  # noqa: F401  (re-exported: a metric too, defined with IG)
 
@@ -167,7 +169,8 @@ def road(model: nn.Module, x: torch.Tensor, target, attr, order: str = "morf",
     scores = torch.empty(batch * steps, dtype=x.dtype, device=x.device)
     with preserved(model), torch.no_grad():
         before = class_score(model, x, target, score)
-        for part in chunks(batch * steps, per_forward(x, batch_size), progress, "ROAD"):
+        for part in tqdm(batches(batch * steps, per_forward(x, batch_size)), desc="ROAD", leave=False,
+                         disable=not progress):
             index = torch.arange(part.start, part.stop, device=x.device)
             image = index // steps
             keep = ~remove.flatten(0, 1)[index].view(-1, 1, *x.shape[-2:])
@@ -217,7 +220,7 @@ def infidelity(model: nn.Module, x: torch.Tensor, target, attr, n_perturb: int =
     with preserved(model), torch.no_grad():
         change = class_score(model, x, target, score)[rows] - torch.cat([
             class_score(model, perturbed[part], target[rows[part]], score)
-            for part in chunks(len(xs), per_forward(x, batch_size), False, "")])
+            for part in batches(len(xs), per_forward(x, batch_size))])
     change = change.view(-1, n_perturb)
     if normalize:
         beta = (predicted * change).mean(1, keepdim=True) / (predicted.square().mean(1, keepdim=True))

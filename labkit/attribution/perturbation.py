@@ -1,14 +1,16 @@
 """Perturbation attributions: occlusion."""
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._core import preserved
-from ._common import check_positive_int, check_reference, chunks, per_forward, prepare, target_logits
+from .._core import batched, check_positive_int, check_reference, preserved
+from ._common import Method, per_forward, prepare, target_logits
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -28,8 +30,9 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=8, stride=4, fil
     a row or column is cut off at the image border, so every pixel is covered).
 
     Returns a tensor shaped like ``x``, the same value in every channel. The ``B x windows``
-    occluded copies run ``batch_size`` per forward pass (bounding memory; None: sized for the
-    device, see :mod:`labkit.attribution`).
+    occluded copies run ``batch_size`` per forward pass (None: sized for the device, see
+    :mod:`labkit.attribution`); they are made one image at a time, so memory holds one image's
+    copies beyond the batch.
     """
     target = prepare(model, x, target)
     (height, width), (stride_h, stride_w) = _pair(window, "window"), _pair(stride, "stride")
@@ -39,29 +42,26 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, window=8, stride=4, fil
                          f"it (so every pixel is occluded), got window {(height, width)}, "
                          f"stride {(stride_h, stride_w)}")
     fill = check_reference(fill, x, "fill")
-    tops = torch.arange(math.ceil((rows - height) / stride_h) + 1, device=x.device) * stride_h
-    lefts = torch.arange(math.ceil((cols - width) / stride_w) + 1, device=x.device) * stride_w
-    n_windows, batch = len(tops) * len(lefts), x.shape[0]
-    drops = torch.empty(batch * n_windows, dtype=x.dtype, device=x.device)
+    tops = range(0, math.ceil((rows - height) / stride_h) * stride_h + 1, stride_h)
+    lefts = range(0, math.ceil((cols - width) / stride_w) * stride_w + 1, stride_w)
+    inside = torch.zeros(len(tops) * len(lefts), 1, rows, cols, dtype=torch.bool, device=x.device)
+    for k, (top, left) in enumerate(itertools.product(tops, lefts)):
+        inside[k, :, top:top + height, left:left + width] = True  # window k, cut off at the border
+    # every window of one image at a time (image by image runs faster than window by window)
+    occluded = ((torch.where(inside, fill[b], x[b]), target[b].expand(len(inside))) for b in range(len(x)))
     with preserved(model), torch.no_grad():
         original = target_logits(model, x, target)
-        for part in chunks(batch * n_windows, per_forward(x, batch_size), progress, "Occlusion"):
-            index = torch.arange(part.start, part.stop, device=x.device)
-            image, window_index = index // n_windows, index % n_windows
-            in_rows = _interval(rows, tops[window_index // len(lefts)], height, x.device)
-            in_cols = _interval(cols, lefts[window_index % len(lefts)], width, x.device)
-            inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-            occluded = torch.where(inside, fill[image], x[image])
-            drops[part] = original[image] - target_logits(model, occluded, target[image])
+        drops = [original[b] - logits for b, logits in enumerate(batched(
+            functools.partial(target_logits, model), occluded, per_forward(x, batch_size), len(x),
+            progress, "Occlusion"))]
     # Spread each window's drop over its pixels and divide by how many windows cover each pixel.
     kernel = torch.ones(1, 1, height, width, dtype=x.dtype, device=x.device)
-    drop_maps = drops.view(batch, 1, len(tops), len(lefts))
+    drop_maps = torch.stack(drops).view(len(x), 1, len(tops), len(lefts))
     summed = F.conv_transpose2d(drop_maps, kernel, stride=(stride_h, stride_w))[..., :rows, :cols]
     counts = F.conv_transpose2d(torch.ones_like(drop_maps[:1]), kernel, stride=(stride_h, stride_w))
     return (summed / counts[..., :rows, :cols]).expand_as(x).contiguous()
 
 
-def _interval(size: int, start: torch.Tensor, length: int, device) -> torch.Tensor:
-    """``k x size`` booleans: position ``i`` lies in ``[start_k, start_k + length)``."""
-    position = torch.arange(size, device=device)
-    return (position >= start[:, None]) & (position < start[:, None] + length)
+METHODS = (
+    Method("occlusion", occlusion, "occlusion", "sum", quick={"window": 14, "stride": 14, "progress": False}),
+)

@@ -115,3 +115,17 @@ def other_classes(generator: torch.Generator, y: torch.Tensor, classes: int) -> 
     """A class different from ``y`` for every image (targets for targeted attacks)."""
     shift = torch.randint(1, classes, y.shape, generator=generator)
     return (y + shift) % classes
+
+
+def attack_inputs(generator: torch.Generator):
+    """``(model, x, y, classes, description)`` for each shape an attack check tries: the usual
+    ones plus a batch of 8, on which mistakes that show on only some images (max(g) instead of
+    max|g|, a norm of the whole batch) show. A generator: what the caller draws in between
+    comes from the same random stream."""
+    shapes = image_shapes(generator) + [(8, 1, draw(generator, 8, 12), draw(generator, 8, 12))]
+    for batch, channels, height, width in shapes:
+        classes = draw(generator, 4, 10)
+        model = tiny_cnn(channels, classes)
+        x = images(generator, batch, channels, height, width, saturated=0.4)
+        y = torch.randint(classes, (batch,), generator=generator)
+        yield model, x, y, classes, describe(batch, channels, height, width)

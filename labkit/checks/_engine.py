@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._core import HOOK_DICTS, get_device
+
 LOG_ENV = "LABKIT_CHECK_LOG"
 NOT_IMPLEMENTED = ("not implemented yet: replace the `raise NotImplementedError(...)` line "
                    "with your code, run that cell, then this one again")
@@ -282,10 +284,9 @@ def _one_thread():
 # ---------------------------------------------------------------- the model and inputs stay as they were
 
 def _model_snapshot(model: nn.Module) -> dict:
-    from .._core import _HOOK_DICTS
     return {
         "modes": [m.training for m in model.modules()],
-        "hooks": sum(len(getattr(m, name)) for m in model.modules() for name in _HOOK_DICTS if hasattr(m, name)),
+        "hooks": sum(len(getattr(m, name)) for m in model.modules() for name in HOOK_DICTS if hasattr(m, name)),
         "grads": [p.grad is not None for p in model.parameters()],
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "weights": [t.detach().clone() for t in model.state_dict().values()],
@@ -750,7 +751,6 @@ def argument_names(spec: Spec) -> list[str]:
 @contextlib.contextmanager
 def case_context(seed: int):
     """The random state and thread count a check's cases are made and judged under."""
-    from .. import get_device
     with _isolated_random_state(seed, get_device()), _one_thread():
         yield
 
@@ -758,7 +758,6 @@ def case_context(seed: int):
 def cases_for(spec: Spec, seed: int) -> list[Case]:
     """The check's fresh inputs for ``seed``, on labkit's device; made inside
     ``case_context(seed)`` they are the same for the same seed."""
-    from .. import get_device
     device = get_device()
     cases = spec.cases(torch.Generator().manual_seed(seed))
     for case in cases:

@@ -1,58 +1,13 @@
 """Checks for lesson 01 (gradient saliency): the gradient, gradient x input, the saliency map."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from .. import attribution
 from . import _engine
 from ._cases import classifier_cases
 from ._engine import Mistake, Spec
+from ._mistakes import gradient_mistakes, input_gradient_of, logit_gradient
 
 __all__ = ["check_gradient", "check_gradient_x_input", "check_saliency_map"]
-
-
-def input_gradient_of(score):
-    """``d score(logits, target) / dx`` per image (the scores summed over the batch), detached:
-    the gradient of some scalar per image, right or wrong, for building mistakes."""
-    def gradient(model, x, target):
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(score(model(x), target).sum(), x)
-        return grad
-    return gradient
-
-
-def _picked(values, target):
-    return values.gather(1, target[:, None]).squeeze(1)
-
-
-logit_gradient = input_gradient_of(_picked)
-probability_gradient = input_gradient_of(lambda z, t: _picked(z.softmax(1), t))
-log_probability_gradient = input_gradient_of(lambda z, t: _picked(z.log_softmax(1), t))
-loss_gradient = input_gradient_of(lambda z, t: F.cross_entropy(z, t, reduction="none"))
-predicted_gradient = input_gradient_of(lambda z, t: z.max(1).values)
-batch_mean_gradient = input_gradient_of(lambda z, t: _picked(z, t).mean())
-first_target_gradient = input_gradient_of(lambda z, t: _picked(z, t[:1].expand_as(t)))
-
-# mistakes every gradient-based exercise can make; ``then`` turns the gradient into the answer
-def gradient_mistakes(then=lambda grad, x: grad):
-    def via(gradient):
-        return lambda model, x, target: then(gradient(model, x, target), x)
-    return (
-        Mistake("you differentiated the softmax probability: explain the logit, the model's raw "
-                "output before softmax (the softmax mixes in all other classes)", via(probability_gradient)),
-        Mistake("you differentiated the log-probability (log_softmax, or the cross-entropy loss, "
-                "its negative): explain the raw logit of the target class", via(log_probability_gradient)),
-        Mistake("you differentiated the cross-entropy loss: saliency explains the target "
-                "class's logit, model(x)[i, target[i]]", via(loss_gradient)),
-        Mistake("you explained the predicted class (the largest logit), not the `target` passed in",
-                via(predicted_gradient)),
-        Mistake("you averaged over the batch (.mean()): sum the target logits instead, so each "
-                "image's gradient does not depend on the batch size", via(batch_mean_gradient)),
-        Mistake("every image used target[0]: pick each image's own target, e.g. "
-                "logits.gather(1, target[:, None]) or logits[range(B), target]", via(first_target_gradient)),
-    )
 
 
 GRADIENT = Spec(

@@ -13,7 +13,7 @@ from .. import attribution
 from . import _engine
 from ._cases import Recording, describe, draw, images, tiny_cnn
 from ._engine import Case, Mistake, Spec
-from .lesson01 import logit_gradient, probability_gradient
+from ._mistakes import logit_gradient, probability_gradient
 
 __all__ = ["check_smoothgrad", "check_integrated_gradients"]
 

@@ -8,46 +8,16 @@ import torch.nn.functional as F
 
 from .. import attacks
 from . import _engine
-from ._cases import describe, draw, image_shapes, images, other_classes, tiny_cnn
+from ._cases import attack_inputs, describe, draw, image_shapes, images, other_classes, tiny_cnn
 from ._engine import Case, Mistake, Spec
-from .lesson01 import input_gradient_of
+from ._mistakes import (always_rescale, attack_match, batch_l2, cross_entropy_gradient, in_eps_ball,
+                        in_unit_range, input_gradient_of, l2_normalized, logit_gradient,
+                        mean_cross_entropy_gradient, pgd_variant, probability_loss_gradient,
+                        projected_at_the_end)
 
 __all__ = ["check_fgsm", "check_gradient_step", "check_pgd"]
 
-cross_entropy_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, y, reduction="none"))
-# F.cross_entropy's default averages over the batch: the same direction, 1/B the size
-mean_cross_entropy_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, y) * torch.ones_like(y) / len(y))
-probability_loss_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z.softmax(1), y, reduction="none"))
-true_logit_gradient = input_gradient_of(lambda z, y: z.gather(1, y[:, None]).squeeze(1))
 predicted_label_gradient = input_gradient_of(lambda z, y: F.cross_entropy(z, z.argmax(1), reduction="none"))
-
-
-def attack_match(out: torch.Tensor, ref: torch.Tensor, case: Case) -> bool:
-    """Equal but for at most 0.2 % of the pixels (a gradient entry within rounding of 0 may take
-    the other sign along another, equally right, code path)."""
-    if out.shape != ref.shape:
-        return False
-    differ = ((out - ref).abs() > 1e-5).sum().item()
-    return differ <= 0.002 * out.numel()
-
-
-def in_unit_range(out, case) -> str | None:
-    if out.min() < -1e-6 or out.max() > 1 + 1e-6:
-        return ("some pixels are outside [0, 1]: clamp the adversarial image to the valid range "
-                "(.clamp(0, 1)) so it is still an image")
-    return None
-
-
-def in_eps_ball(out, case) -> str | None:
-    x, eps, norm = case.args[1], case.args[3], case.kwargs.get("norm", "linf")
-    delta = (out - x).flatten(1)
-    if norm == "linf" and delta.abs().max() > eps + 1e-5:
-        return ("some pixels moved further than eps from the original image: clamp the "
-                "perturbation x_adv - x to [-eps, eps] (project onto the eps-ball around the original x)")
-    if norm == "l2" and (delta.norm(dim=1) > eps * (1 + 1e-4) + 1e-6).any():
-        return ("some images moved further than eps (in L2 norm) from the original: rescale the "
-                "perturbation x_adv - x back to length eps whenever it is longer")
-    return None
 
 
 def moves_by_eps(out, case) -> str | None:
@@ -60,20 +30,6 @@ def moves_by_eps(out, case) -> str | None:
         return (f"pixels move by about {typical:.2g} x eps: with the sign of the gradient every "
                 f"pixel moves by exactly eps (before clamping)")
     return None
-
-
-def attack_inputs(generator: torch.Generator):
-    """``(model, x, y, classes, description)`` for each shape an attack check tries: the usual
-    ones plus a batch of 8, on which mistakes that show on only some images (max(g) instead of
-    max|g|, a norm of the whole batch) show. A generator: what the caller draws in between
-    comes from the same random stream."""
-    shapes = image_shapes(generator) + [(8, 1, draw(generator, 8, 12), draw(generator, 8, 12))]
-    for batch, channels, height, width in shapes:
-        classes = draw(generator, 4, 10)
-        model = tiny_cnn(channels, classes)
-        x = images(generator, batch, channels, height, width, saturated=0.4)
-        y = torch.randint(classes, (batch,), generator=generator)
-        yield model, x, y, classes, describe(batch, channels, height, width)
 
 
 def _attack_cases(generator: torch.Generator) -> list[Case]:
@@ -122,10 +78,10 @@ FGSM = Spec(
                 lambda model, x, y, eps: _step(+1, torch.sign)(model, x, y, eps, probability_loss_gradient)),
         Mistake("you followed the gradient of the true class's logit, which makes the model more "
                 "sure of it: FGSM goes up the cross-entropy loss",
-                lambda model, x, y, eps: _step(+1, torch.sign)(model, x, y, eps, true_logit_gradient)),
+                lambda model, x, y, eps: _step(+1, torch.sign)(model, x, y, eps, logit_gradient)),
         Mistake("you used the negative true logit (nll_loss on raw logits?) instead of the "
                 "cross-entropy loss: use F.cross_entropy(model(x), y)",
-                lambda model, x, y, eps: _step(-1, torch.sign)(model, x, y, eps, true_logit_gradient)),
+                lambda model, x, y, eps: _step(-1, torch.sign)(model, x, y, eps, logit_gradient)),
         Mistake("you attacked the model's own prediction (argmax): use the true labels y that are passed in",
                 lambda model, x, y, eps: _step(+1, torch.sign)(model, x, y, eps, predicted_label_gradient)),
     ),
@@ -183,46 +139,6 @@ def _pgd_cases(generator: torch.Generator) -> list[Case]:
     return cases
 
 
-def _l2_normalized(g):
-    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-
-
-def _pgd_variant(direction=None, project=attacks.project, clamp=True, descend_untargeted=False,
-                 ascend_targeted=False, gradient_of=cross_entropy_gradient):
-    """PGD with one piece changed: ``direction(grad, norm)``, ``project(delta, eps, norm)``."""
-    def default_direction(g, norm):
-        return g.sign() if norm == "linf" else _l2_normalized(g)
-    direction = direction or default_direction
-
-    def attack(model, x, y, eps, step_size, steps, norm="linf", targeted=False):
-        x_adv = x.clone()
-        for _ in range(steps):
-            step = direction(gradient_of(model, x_adv, y), norm)
-            down = targeted != ascend_targeted if targeted else descend_untargeted
-            x_adv = x_adv - step_size * step if down else x_adv + step_size * step
-            if project is not None:
-                x_adv = x + project(x_adv - x, eps, norm)
-            if clamp:
-                x_adv = x_adv.clamp(0, 1)
-        return x_adv
-    return attack
-
-
-def _always_rescale(delta, eps, norm):
-    if norm == "linf":
-        return delta.clamp(-eps, eps)
-    return delta * eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-
-
-def _batch_l2(g, norm):
-    return g.sign() if norm == "linf" else g / g.norm()
-
-
-def _projected_at_the_end(model, x, y, eps, step_size, steps, norm="linf", targeted=False):
-    x_adv = _pgd_variant(project=None)(model, x, y, eps, step_size, steps, norm, targeted)
-    return (x + attacks.project(x_adv - x, eps, norm)).clamp(0, 1)
-
-
 def _step_of_eps(model, x, y, eps, step_size, steps, norm="linf", targeted=False):
     return attacks.pgd(model, x, y, eps, eps, steps, norm=norm, targeted=targeted)
 
@@ -237,24 +153,24 @@ PGD = Spec(
     steps="steps",
     mistakes=(
         Mistake("after each step, project back onto the eps-ball around the original image x "
-                "(clamp the perturbation for L-inf, rescale it for L2)", _pgd_variant(project=None)),
-        Mistake("project onto the eps-ball after every step, not once at the end", _projected_at_the_end),
+                "(clamp the perturbation for L-inf, rescale it for L2)", pgd_variant(project=None)),
+        Mistake("project onto the eps-ball after every step, not once at the end", projected_at_the_end),
         Mistake("each step moves by step_size, not by eps (eps is the radius of the ball)", _step_of_eps),
-        Mistake("after each step, clamp the image to [0, 1]", _pgd_variant(clamp=False)),
+        Mistake("after each step, clamp the image to [0, 1]", pgd_variant(clamp=False)),
         Mistake("for a targeted attack go down the loss of the target class (x - step), you went up",
-                _pgd_variant(ascend_targeted=True)),
+                pgd_variant(ascend_targeted=True)),
         Mistake("for an untargeted attack go up the loss of the true class (x + step), you went down",
-                _pgd_variant(descend_untargeted=True)),
+                pgd_variant(descend_untargeted=True)),
         Mistake("for norm='l2' step along grad / ||grad||_2 (of each image), not along its sign",
-                _pgd_variant(direction=lambda g, norm: g.sign())),
+                pgd_variant(direction=lambda g, norm: g.sign())),
         Mistake("for norm='linf' step along the sign of the gradient",
-                _pgd_variant(direction=lambda g, norm: _l2_normalized(g))),
+                pgd_variant(direction=lambda g, norm: l2_normalized(g))),
         Mistake("only shrink perturbations longer than eps; shorter ones stay as they are",
-                _pgd_variant(project=_always_rescale)),
+                pgd_variant(project=always_rescale)),
         Mistake("normalize each image's gradient by its own L2 norm, not by the norm of the whole batch",
-                _pgd_variant(direction=_batch_l2)),
+                pgd_variant(direction=batch_l2)),
         *(Mistake("normalize the step: sign(grad) for L-inf, grad / ||grad||_2 for L2 (the raw "
-                  "gradient has an arbitrary size)", _pgd_variant(direction=direction, gradient_of=gradient_of))
+                  "gradient has an arbitrary size)", pgd_variant(direction=direction, gradient_of=gradient_of))
           for direction in (lambda g, norm: g, lambda g, norm: g.sign() if norm == "linf" else g)
           for gradient_of in (cross_entropy_gradient, mean_cross_entropy_gradient)),
     ),

@@ -5,10 +5,11 @@ import torch
 
 from .. import attacks
 from . import _engine
-from ._cases import draw, other_classes
+from ._cases import attack_inputs, draw, other_classes
 from ._engine import Case, Mistake, Spec
-from .lesson03 import (_always_rescale, _batch_l2, _pgd_variant, _projected_at_the_end, attack_inputs, attack_match,
-                       cross_entropy_gradient, in_eps_ball, in_unit_range, mean_cross_entropy_gradient)
+from ._mistakes import (always_rescale, attack_match, batch_l2, cross_entropy_gradient, in_eps_ball,
+                        in_unit_range, l2_normalized, mean_cross_entropy_gradient, pgd_variant,
+                        projected_at_the_end)
 
 __all__ = ["check_targeted_l2_pgd"]
 
@@ -42,7 +43,7 @@ def _in_l2_ball(out, case) -> str | None:
 
 
 def _unit_length(delta, eps, norm):
-    return delta / delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return l2_normalized(delta)
 
 
 TARGETED_L2_PGD = Spec(
@@ -57,26 +58,26 @@ TARGETED_L2_PGD = Spec(
     mistakes=(
         Mistake("after each step, project back onto the L2 ball around the original image x: "
                 "rescale delta = x_adv - x to length eps when it is longer",
-                _l2_targeted(_pgd_variant(project=None))),
-        Mistake("after each step, clamp the image to [0, 1]", _l2_targeted(_pgd_variant(clamp=False))),
+                _l2_targeted(pgd_variant(project=None))),
+        Mistake("after each step, clamp the image to [0, 1]", _l2_targeted(pgd_variant(clamp=False))),
         Mistake("project onto the L2 ball after every step, not once at the end",
-                _l2_targeted(_projected_at_the_end)),
+                _l2_targeted(projected_at_the_end)),
         Mistake("each step moves by step_size, not by eps (eps is the radius of the ball)",
                 lambda model, x, target, eps, step_size, steps: targeted_l2_pgd(model, x, target, eps, eps, steps)),
         Mistake("you went up the loss of the target class: a targeted attack goes down it "
                 "(x_adv - step_size * direction), towards the target",
-                _l2_targeted(_pgd_variant(ascend_targeted=True))),
+                _l2_targeted(pgd_variant(ascend_targeted=True))),
         Mistake("step along grad / ||grad||_2 of each image, not along its sign (that is the L-inf step)",
-                _l2_targeted(_pgd_variant(direction=lambda g, norm: g.sign()))),
+                _l2_targeted(pgd_variant(direction=lambda g, norm: g.sign()))),
         Mistake("only shrink perturbations longer than eps; shorter ones stay as they are "
-                "(multiply by min(1, eps / ||delta||_2))", _l2_targeted(_pgd_variant(project=_always_rescale))),
+                "(multiply by min(1, eps / ||delta||_2))", _l2_targeted(pgd_variant(project=always_rescale))),
         Mistake("you divided delta by its length without multiplying by eps: the projection "
                 "rescales delta to length eps, not to length 1",
-                _l2_targeted(_pgd_variant(project=_unit_length))),
+                _l2_targeted(pgd_variant(project=_unit_length))),
         Mistake("normalize each image's gradient by its own L2 norm, not by the norm of "
-                "the whole batch", _l2_targeted(_pgd_variant(direction=_batch_l2))),
+                "the whole batch", _l2_targeted(pgd_variant(direction=batch_l2))),
         *(Mistake("normalize the step: grad / ||grad||_2 per image (the raw gradient has an arbitrary size)",
-                  _l2_targeted(_pgd_variant(direction=lambda g, norm: g, gradient_of=gradient_of)))
+                  _l2_targeted(pgd_variant(direction=lambda g, norm: g, gradient_of=gradient_of)))
           for gradient_of in (cross_entropy_gradient, mean_cross_entropy_gradient)),
     ),
 )

@@ -9,8 +9,8 @@ from .. import featvis
 from . import _engine
 from ._cases import describe, draw, image_shapes, images, targets, tiny_cnn
 from ._engine import Case, Mistake, Spec
-from .lesson01 import input_gradient_of
-from .lesson03 import in_unit_range
+from ._mistakes import (first_target_gradient, in_unit_range, log_probability_gradient, logit_gradient,
+                        per_image_l2, predicted_gradient, probability_gradient)
 
 __all__ = ["check_visualize_class"]
 
@@ -23,18 +23,7 @@ def visualize_class(model, x0, target, steps, lr, l2_decay=0.0):
                             progress=False)
 
 
-def _picked(values, target):
-    return values.gather(1, target[:, None]).squeeze(1)
-
-
-logit_gradient = input_gradient_of(_picked)
-
-
-def _per_image_l2(g):
-    return g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-
-
-def _ascent(gradient_of=logit_gradient, direction=lambda g: g / _per_image_l2(g), sign=+1,
+def _ascent(gradient_of=logit_gradient, direction=lambda g: g / per_image_l2(g), sign=+1,
             length=lambda x: math.sqrt(x[0].numel()), clamp=True, decay="after"):
     """Gradient ascent with one piece changed: the score differentiated, the step's direction
     and length, the clamp, and how (or whether) the L2 decay is applied."""
@@ -56,12 +45,6 @@ def _ascent(gradient_of=logit_gradient, direction=lambda g: g / _per_image_l2(g)
                 x = (1 - lr * l2_decay) * x
         return x
     return wrong
-
-
-probability_gradient = input_gradient_of(lambda z, t: _picked(z.softmax(1), t))
-log_probability_gradient = input_gradient_of(lambda z, t: _picked(z.log_softmax(1), t))
-predicted_gradient = input_gradient_of(lambda z, t: z.max(1).values)
-first_target_gradient = input_gradient_of(lambda z, t: _picked(z, t[:1].expand_as(t)))
 
 
 def _visualization_cases(generator: torch.Generator) -> list[Case]:

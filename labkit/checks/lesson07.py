@@ -11,13 +11,10 @@ from .. import attribution
 from . import _engine
 from ._cases import classifier_cases, draw
 from ._engine import Mistake, Spec
-from .lesson01 import input_gradient_of
+from ._mistakes import (first_target, input_gradient_of, log_probability, logit_gradient, picked, predicted,
+                        probability)
 
 __all__ = ["check_grad_cam", "check_guided_backprop"]
-
-
-def _picked(values, target):
-    return values.gather(1, target[:, None]).squeeze(1)
 
 
 # ------------------------------------------------------------------ Grad-CAM
@@ -28,7 +25,7 @@ def grad_cam(model, x, target, layer):
     return attribution.gradcam(model, x, target, layer=layer)
 
 
-def _layer_and_gradient(model, x, target, layer, score=_picked, capture="output"):
+def _layer_and_gradient(model, x, target, layer, score=picked, capture="output"):
     """The output ``A`` of ``layer`` (or its input) and ``d score / dA``, for wrong Grad-CAMs."""
     captured = []
     handle = model.get_submodule(layer).register_forward_hook(
@@ -51,7 +48,7 @@ def _bilinear(cam, size, **options):
     return F.interpolate(cam, size=size, **(options or {"mode": "bilinear", "align_corners": False}))
 
 
-def _cam_variant(score=_picked, combine=_weighted_maps(lambda g: g.mean(dim=(2, 3), keepdim=True)),
+def _cam_variant(score=picked, combine=_weighted_maps(lambda g: g.mean(dim=(2, 3), keepdim=True)),
                  rectify=torch.relu, resize=_bilinear, capture="output"):
     """Grad-CAM with one piece changed: the score, how activations and gradients are combined,
     the rectification, the resizing, the layer's output or input."""
@@ -119,13 +116,13 @@ GRAD_CAM = Spec(
         Mistake("apply the ReLU to the weighted sum of the maps, not to the weights alpha_k",
                 _cam_variant(combine=_weighted_maps(lambda g: g.mean(dim=(2, 3), keepdim=True).relu()))),
         Mistake("you differentiated the softmax probability: Grad-CAM explains the class's logit "
-                "(the score before the softmax)", _cam_variant(score=lambda z, t: _picked(z.softmax(1), t))),
+                "(the score before the softmax)", _cam_variant(score=probability)),
         Mistake("you differentiated the log-probability (or the cross-entropy loss): Grad-CAM "
-                "explains the class's logit", _cam_variant(score=lambda z, t: _picked(z.log_softmax(1), t))),
+                "explains the class's logit", _cam_variant(score=log_probability)),
         Mistake("you explained the predicted class (the largest logit), not the `target` passed in",
-                _cam_variant(score=lambda z, t: z.max(1).values)),
+                _cam_variant(score=predicted)),
         Mistake("every image used target[0]: explain each image's own target",
-                _cam_variant(score=lambda z, t: _picked(z, t[:1].expand_as(t)))),
+                _cam_variant(score=first_target)),
         *(Mistake("upsample bilinearly: F.interpolate(cam, size=x.shape[-2:], mode='bilinear', "
                   "align_corners=False)", _cam_variant(resize=functools.partial(_bilinear, **options)))
           for options in ({"mode": "nearest"}, {"mode": "bilinear", "align_corners": True})),
@@ -147,7 +144,7 @@ GRAD_CAM = Spec(
 
 # ------------------------------------------------------------------ guided backpropagation
 
-def _relu_backward_variant(replace, score=_picked, types=(nn.ReLU, nn.ReLU6)):
+def _relu_backward_variant(replace, score=picked, types=(nn.ReLU, nn.ReLU6)):
     """The input gradient of ``score`` with every ReLU (or module of ``types``) passing back
     ``replace(grad_in, grad_out)``."""
     gradient_of = input_gradient_of(score)
@@ -163,9 +160,6 @@ def _relu_backward_variant(replace, score=_picked, types=(nn.ReLU, nn.ReLU6)):
             for handle in handles:
                 handle.remove()
     return wrong
-
-
-logit_gradient = input_gradient_of(_picked)
 
 
 def _guided(score):
@@ -210,9 +204,9 @@ GUIDED_BACKPROP = Spec(
         Mistake("you took the absolute value of the gradient at the ReLUs: keep the positive "
                 "gradients and set the negative ones to 0", _relu_backward_variant(lambda gi, go: gi.abs())),
         Mistake("you differentiated the softmax probability: explain the class's logit",
-                _guided(lambda z, t: _picked(z.softmax(1), t))),
+                _guided(probability)),
         Mistake("you explained the predicted class (the largest logit), not the `target` passed in",
-                _guided(lambda z, t: z.max(1).values)),
+                _guided(predicted)),
         Mistake("you hooked the convolutions: the guiding happens at the ReLU modules (nn.ReLU, nn.ReLU6)",
                 _relu_backward_variant(lambda gi, go: gi.clamp_min(0), types=(nn.Conv2d,))),
     ),

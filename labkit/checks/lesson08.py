@@ -9,7 +9,7 @@ from .. import attribution
 from . import _engine
 from ._cases import describe, draw, images, targets
 from ._engine import Case, Mistake, Spec
-from .lesson01 import logit_gradient
+from ._mistakes import logit_gradient
 
 __all__ = ["check_lrp_epsilon"]
 

@@ -12,7 +12,7 @@ from .. import attacks, models, train
 from . import _engine
 from ._cases import describe, draw, image_shapes, images, tiny_cnn
 from ._engine import Case, Mistake, Spec
-from .lesson03 import cross_entropy_gradient
+from ._mistakes import cross_entropy_gradient
 
 __all__ = ["check_fgsm_mixed_loss", "check_representation_distance"]
 

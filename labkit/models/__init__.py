@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._core import check_images, check_model, hooks, preserved
+from .._core import check_images, check_model, get_device, hooks, preserved
 from .fashion_cnn import FashionCNN, Normalize
 from .ibp_nets import FashionMLP, SmallCNN
 
@@ -121,7 +121,6 @@ def load(name: str, device=None) -> nn.Module:
     model = info.build()
     model.load_state_dict(info.convert(torch.load(path, map_location="cpu", weights_only=True)))
     if device is None:
-        from .. import get_device
         device = get_device()
     return model.to(device).eval()
 

@@ -31,6 +31,7 @@ PACKAGE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77
 
 class Add(nn.Module):
     """``a + b`` as a module, so hooks (LRP, Grad-CAM) see the residual connection."""
+    lrp_role = "proportional"  # LRP gives each summand the share it contributed
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a + b

@@ -9,6 +9,7 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # of the Fashion-MNIST training pixe
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, so the model takes images in [0, 1]."""
+    lrp_role = "passthrough"  # LRP hands relevance through unchanged: pixel relevance = relevance at its output
 
     def __init__(self, mean, std):
         super().__init__()

@@ -43,6 +43,27 @@ from timing import add_arguments, agreement, evaluations, frozen, markdown, meas
 
 TOLERANCE = 1e-3  # max |labkit - peer| / max |peer|: float32 rounding, summed over many passes
 
+# Where each registered method (labkit.attribution.METHODS) is timed: the start of its case
+# names here, or another benchmark, or why not. rows() refuses to run while one is missing.
+TIMED_AS = {
+    "gradient": "gradient",
+    "gradient_x_input": "not timed: the gradient's cost and one product",
+    "smoothgrad": "SmoothGrad",
+    "integrated_gradients": "IG",
+    "occlusion": "occlusion",
+    "guided_backprop": "guided backprop",
+    "gradcam": "Grad-CAM",
+    "guided_gradcam": "guided Grad-CAM",
+    "lrp": "bench_lrp.py",
+}
+
+
+def check_coverage() -> None:
+    missing = sorted(set(A.METHODS) - set(TIMED_AS))
+    if missing:
+        raise SystemExit(f"no benchmark for the registered methods {missing}: add a case and its "
+                         f"entry in TIMED_AS (bench_attribution.py)")
+
 
 class GuidedBackpropReLU6(captum_attr.GuidedBackprop):
     """captum guides nn.ReLU modules only; labkit also guides nn.ReLU6, EfficientNet-Lite's
@@ -227,6 +248,7 @@ def rows(device: torch.device, quick: bool = False, repeats: int = 3, clock: str
          only: str | None = None) -> list[dict]:
     """One dict per method and peer (tests/benchmarks/timing.py's ``row``); ``only``: the
     cases whose name contains one of these comma-separated words."""
+    check_coverage()
     sizes = sizes_for(quick)
     warnings.filterwarnings("ignore", module="captum")
     model = load("imagenet-effnet-lite0", device=device)

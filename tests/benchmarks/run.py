@@ -12,7 +12,6 @@ Timing: tests/benchmarks/timing.py. On a CPU use ``--threads 1``.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import bench_attacks  # noqa: E402
 import bench_attribution  # noqa: E402
 import bench_lrp  # noqa: E402
 import bench_metrics  # noqa: E402
-from timing import COLUMNS, add_arguments, markdown, setup  # noqa: E402
+from timing import COLUMNS, add_arguments, markdown, setup, write_csv  # noqa: E402
 
 BENCHMARKS = {"attribution": bench_attribution.rows, "lrp": bench_lrp.rows, "attacks": bench_attacks.rows,
               "metrics": bench_metrics.rows}
@@ -40,20 +39,13 @@ def main(argv=None) -> None:
     start, rows = time.perf_counter(), []
     for name in args.only.split(","):
         rows += BENCHMARKS[name](device, quick=args.quick, repeats=args.repeats, clock=clock)
-        write_csv(rows, args.csv)  # after each benchmark, so a long run keeps what it measured
+        write_csv(rows, args.csv, COLUMNS)  # after each benchmark, so a long run keeps what it measured
         print(f"{name} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, {clock} time, "
           f"{'quick' if args.quick else 'full'} sizes, medians after a warm-up, "
           f"{time.perf_counter() - start:.0f} s wall in all")
     print(markdown(rows))
     print(f"written: {args.csv}")
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    with open(path, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ laptop (2 GB for the computation).
 from __future__ import annotations
 
 import argparse
-import csv
 import resource
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import labkit  # noqa: E402
 from labkit import attacks  # noqa: E402
 from labkit import attribution as A  # noqa: E402
 from labkit.models import load  # noqa: E402
-from timing import add_arguments, measure, setup  # noqa: E402
+from timing import add_arguments, measure, setup, write_csv  # noqa: E402
 
 BUDGETS = {"16 GB GPU": 14e9, "laptop": 2e9}
 # name: (image side, rows of the bigger pass: enough to lift the peak RSS well above its noise)
@@ -153,10 +152,7 @@ def main(argv=None) -> None:
     print("\nmemory per row (one forward + input backward; `rows` rows against 1), knee = budget / bytes per row")
     print(table(memory))
     for rows, path in ((times, Path(args.csv)), (memory, Path(args.csv).with_name(Path(args.csv).stem + "-memory.csv"))):
-        with open(path, "w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, path)
         print(f"written: {path}")
 
 

@@ -11,7 +11,6 @@ finished kernel process) and whether it stays under the lessons' limit -- and wr
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import resource
 import shutil
@@ -19,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from labkit.notebooks import execute
+from timing import write_csv
 
 SOLUTIONS = Path(__file__).resolve().parents[2] / "solutions"
 
@@ -55,10 +55,7 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['notebook']} | {r['wall_s']} | {r['kernel_cpu_s']} | {'yes' if r['within_limit'] else 'NO'} |")
     print(f"| total | {sum(r['wall_s'] for r in rows):.1f} | {sum(r['kernel_cpu_s'] for r in rows):.1f} | |")
-    with open(args.csv, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.csv)
     print(f"written: {args.csv}")
 
 

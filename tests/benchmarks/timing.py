@@ -9,6 +9,8 @@ after the timed call.
 """
 from __future__ import annotations
 
+import csv
+
 import math
 import resource
 import statistics
@@ -139,3 +141,11 @@ def add_arguments(parser, repeats: int = 3) -> None:
                         help="torch CPU threads (1 on a shared machine: idle OpenMP threads spin)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default=None,
                         help="default: user CPU time on a CPU, synchronised wall time on CUDA")
+
+
+def write_csv(rows: list[dict], path, columns=None) -> None:
+    """The rows as a CSV file with a header (``columns``: default the first row's keys)."""
+    with open(path, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(columns or rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
