@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import attribution
 from ..attribution import metrics
 from . import _engine
 from ._cases import classifier_cases, draw
@@ -51,9 +52,12 @@ def _infidelity_variant(sign: float = 1.0, flip: float = 1.0, loss=torch.square,
 def _infidelity_cases(generator: torch.Generator):
     cases = classifier_cases(generator)
     for case in cases:
-        x = case.args[1]
+        model, x, target = case.args[:3]
         k = draw(generator, 3, 6)
-        attr = torch.randn(x.shape, generator=generator)
+        # near the model's own gradient, so I . attr and the change of the score have the same
+        # size: then a wrong score, sign or reduction changes the answer visibly (with a random
+        # map, (I . attr)^2 swamps the score's change and many mistakes look alike)
+        attr = attribution.gradient(model, x, target) * (1 + 0.5 * torch.randn(x.shape, generator=generator))
         perturbations = 0.1 * torch.randn(len(x), k, *x.shape[1:], generator=generator)
         case.args += (attr, perturbations)
         case.describe += f", {k} perturbations per image"
