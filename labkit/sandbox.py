@@ -113,11 +113,14 @@ def sandbox_env(threads: int) -> dict:
 def bwrap_command(view: Path, io: Path, tmpfs_bytes: int, command: list[str]) -> list[str]:
     """The bwrap command line that runs ``command`` in the sandbox."""
     return [bwrap_path(), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-            "--hostname", "sandbox", *_mounts(),
+            "--hostname", "sandbox",
             "--proc", "/proc", "--dev", "/dev",
             "--size", str(tmpfs_bytes), "--tmpfs", "/tmp",
             "--size", str(tmpfs_bytes), "--tmpfs", "/dev/shm",
             "--size", str(OUT_BYTES), "--tmpfs", OUT_DIR,
+            # after the private /tmp: a virtual environment or data folder under /tmp (a CI clone,
+            # a throwaway venv) must stay visible, not be hidden by the empty tmpfs
+            *_mounts(),
             "--ro-bind", str(view), VIEW_ROOT, "--ro-bind", str(io), IO_DIR,
             "--dir", WORK_DIR, "--dir", "/tmp/home",
             # the root and /dev are tmpfs that bwrap made: read-only once the mounts are in place

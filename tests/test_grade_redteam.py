@@ -555,3 +555,13 @@ def test_the_sandbox_copy_of_labkit_has_no_reference_of_the_lesson(tmp_path):
     assert "not available while lesson 90_tiny is graded" in source
     assert "autograd.grad" not in (view / "_core.py").read_text()
     assert sorted(p.name for p in (view / "checks").glob("*.py")) == ["__init__.py", "_cases.py", "_engine.py"]
+
+
+def test_the_environment_is_mounted_after_the_private_tmp(tmp_path):
+    """A virtual environment under /tmp (a CI clone, a throwaway venv) stays visible: bwrap mounts
+    in order, and a bind made before the sandbox's empty /tmp would be hidden by it."""
+    command = sandbox.bwrap_command(tmp_path / "view", tmp_path / "io", 1 << 20, ["true"])
+    private_tmp = next(i for i in range(len(command) - 1) if command[i:i + 2] == ["--tmpfs", "/tmp"])
+    prefix = str(Path(sys.prefix).resolve())
+    binds = [i for i in range(len(command) - 2) if command[i] == "--ro-bind" and command[i + 1] == prefix]
+    assert binds and all(i > private_tmp for i in binds)
