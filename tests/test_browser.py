@@ -130,13 +130,37 @@ RUN_STATE = """() => {
 }"""
 
 
-def open_and_run_all(page, url: str, token: str, name: str) -> dict:
-    """Open a notebook, wait for its kernel, run all cells and wait until they have run (or one
-    failed). Returns the last run state."""
+# Types each concept question's answer into its answer cell, as a student does before "run all"
+# (an unanswered question stops the run there: predict before you run).
+ANSWER_QUESTIONS = """(answers) => {
+  const panel = window.jupyterapp.shell.currentWidget;
+  let typed = 0;
+  for (const cell of Array.from(panel.content.model.cells)) {
+    if (cell.id in answers) { cell.sharedModel.setSource(answers[cell.id]); typed += 1; }
+  }
+  return typed;
+}"""
+
+
+def question_answers() -> dict:
+    from labkit.checks._questions import QUESTIONS
+    return {f"q-{q.name}-answer": f"{q.name} = {q.answer!r}" for q in QUESTIONS}
+
+
+def open_and_run_all(page, url: str, token: str, name: str, answer_questions: bool = False) -> dict:
+    """Open a notebook, wait for its kernel, (answer its concept questions,) run all cells and wait
+    until they have run (or one failed). Returns the last run state."""
     page.goto(f"{url}/lab/tree/{name}?token={token}")
     page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
                            " && window.jupyterapp.shell.currentWidget.sessionContext"
                            "?.session?.kernel?.status === 'idle'", timeout=120_000)
+    # the workspace may restore a notebook of an earlier test as the current tab: bring this one forward
+    page.evaluate("(path) => window.jupyterapp.commands.execute('docmanager:open', {path})", name)
+    page.wait_for_function("(path) => window.jupyterapp.shell.currentWidget?.context?.path === path"
+                           " && window.jupyterapp.shell.currentWidget.sessionContext"
+                           "?.session?.kernel?.status === 'idle'", arg=name, timeout=120_000)
+    if answer_questions:
+        assert page.evaluate(ANSWER_QUESTIONS, question_answers()) >= 2, "no question cells found"
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -154,7 +178,7 @@ def predictions(page) -> list[str]:
 def test_lesson_00_runs_and_the_explorer_reacts(lab, browser, artifacts):
     url, token, _ = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    state = open_and_run_all(page, url, token, "00_setup_and_tour.ipynb")
+    state = open_and_run_all(page, url, token, "00_setup_and_tour.ipynb", answer_questions=True)
     page.screenshot(path=artifacts / "00_after_run_all.png")
     assert state["errors"] == [], state["errors"]
     explorer = page.locator(".widget-vbox").filter(has=page.locator(".widget-image")).last
