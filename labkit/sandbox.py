@@ -80,6 +80,13 @@ def _mounts() -> list[str]:
     if cache is not None:  # at a path of its own: the grader's home folder does not appear
         args += ["--ro-bind", str(cache), f"{CACHE_ROOT}/labkit"]
     args += ["--ro-bind-try", "/var/lib/dpkg", "/var/lib/dpkg"]  # labkit.data asks dpkg where the data are
+    # A bind below /tmp (a venv in a CI clone) makes bwrap create its parent folders in the private
+    # /tmp; without write permission there (capabilities are dropped) no file lands beside them.
+    binds = {Path(args[i + 2]) for i in range(len(args) - 2) if args[i].startswith("--ro-bind")}
+    parents = {parent for path in binds if path.is_relative_to("/tmp") for parent in path.parents
+               if parent != Path("/tmp") and parent.is_relative_to("/tmp")}
+    for parent in sorted(parents, key=lambda p: len(p.parts), reverse=True):
+        args += ["--chmod", "0555", str(parent)]
     return args
 
 
