@@ -271,7 +271,7 @@ def main(argv=None):
     import sys
     import time
     from .data import fashion_mnist
-    from .models import WEIGHTS_DIR, FashionCNN, sha256_of
+    from .models import WEIGHTS_DIR, FashionCNN
 
     parser = argparse.ArgumentParser(prog="python -m labkit.train",
                                      description="Reproduce labkit's shipped Fashion-MNIST weights and model cards.")
@@ -300,15 +300,7 @@ def main(argv=None):
                   test_data=test, seed=0)
     seconds = time.perf_counter() - start
     # Save before the (long) evaluation, so an interrupted evaluation loses no training.
-    out = WEIGHTS_DIR if args.out is None else __import__("pathlib").Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}.pt"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-    sha = sha256_of(path)
-    sums = out / "SHA256SUMS"
-    lines = [line for line in (sums.read_text().splitlines() if sums.is_file() else [])
-             if not line.endswith(f"  {path.name}")]
-    sums.write_text("\n".join(sorted(lines + [f"{sha}  {path.name}"])) + "\n")
+    sha = _save_weights(model, WEIGHTS_DIR if args.out is None else __import__("pathlib").Path(args.out), args.name)
     print(f"{args.name}: trained in {seconds / 60:.1f} min on {device}; sha256 {sha}", flush=True)
     results = _evaluate(model, test, progress=True, norm=recipe["norm"], eps=recipe["eval_eps"])
     command = "python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)
