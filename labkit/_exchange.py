@@ -12,6 +12,7 @@ tensor subclass and no Python object of the student's crosses back.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -272,12 +273,42 @@ def kernel_main(namespace: dict, inbox: str, outbox: str, workdir: str) -> None:
             kwargs = {k: _decode(v, inputs) for k, v in encoded["kwargs"].items()}
             torch.manual_seed(manifest["seed"])
             try:
-                out = _engine.call_student(student, _engine.Case(args, kwargs))
+                with withheld(manifest.get("withheld", ())):
+                    out = _engine.call_student(student, _engine.Case(args, kwargs))
             except _engine.Failure as failure:
                 entry["cases"].append({"raised": str(failure)[:1000]})
                 break  # as the check itself: the first failing case decides
             entry["cases"].append(_observe(out, args, outputs))
     (Path(outbox) / RESULT).write_text(json.dumps(results), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def withheld(keys):
+    """While the student's functions run on the grader's inputs, labkit's functions that compute
+    the lesson's exercises but that the lesson notebook itself uses (so the sandbox's copy keeps
+    them) raise: a wrapper around them does not pass. Their code object is swapped, so names
+    the notebook bound to them earlier (``m = featvis.maximize``) raise as well."""
+    import importlib
+    swapped = []
+    try:
+        for relative, qualname in keys:
+            module = "labkit." + relative[:-3].replace("/", ".").removesuffix(".__init__")
+            function = importlib.import_module(module)
+            for part in qualname.split("."):
+                function = getattr(function, part)
+            function = getattr(function, "__func__", function)
+            if not hasattr(function, "__code__") or function.__code__.co_freevars:
+                continue  # a closure's code cannot be swapped; none of labkit's exercises is one
+            message = (f"labkit's {qualname} is not available while the grader calls your functions: "
+                       f"it computes one of the lesson's exercises; write your own")
+            stub = {}
+            exec(f"def stub(*args, **kwargs):\n    raise RuntimeError({message!r})", stub)
+            swapped.append((function, function.__code__))
+            function.__code__ = stub["stub"].__code__
+        yield
+    finally:
+        for function, code in swapped:
+            function.__code__ = code
 
 
 def plain_answer(value) -> dict:

@@ -289,7 +289,7 @@ class Views:
 
     def __init__(self, folder: Path, lessons_path: Path | None, specs: dict, log):
         self.folder, self.lessons_path, self.specs, self.log = folder, lessons_path, specs, log
-        self.views, self.kept = {}, {}
+        self.views, self.kept, self.withheld = {}, {}, {}
 
     def sources(self, lesson: Lesson) -> list[str]:
         if self.lessons_path is None:
@@ -309,9 +309,10 @@ class Views:
             folder.mkdir()
             sandbox.build_view(folder, removed, lesson.name)
             self.views[lesson.name], self.kept[lesson.name] = folder, sorted(q for _, q in kept)
+            self.withheld[lesson.name] = sorted(kept)
             if kept:
                 self.log(f"note: lesson {lesson.name} uses labkit's {', '.join(self.kept[lesson.name])} itself, "
-                         f"so its submissions can call them although they compute one of its exercises")
+                         f"so they stay in its sandbox but raise while the grader calls the student's functions")
         return self.views[lesson.name]
 
 
@@ -335,8 +336,10 @@ class Prepared:
     problem: str = ""
 
 
-def prepare(calls, specs: dict, io_dir: Path) -> list[Prepared]:
-    """Make every check call's inputs and write them to ``io_dir`` for the sandbox."""
+def prepare(calls, specs: dict, io_dir: Path, withheld=()) -> list[Prepared]:
+    """Make every check call's inputs and write them to ``io_dir`` for the sandbox; ``withheld``:
+    ``(file, qualname)`` of labkit functions that must raise while the student's functions run
+    (:func:`labkit._exchange.withheld`)."""
     from . import _exchange
     from .checks import _engine
     arrays, prepared, manifest = _exchange.Arrays(io_dir), [], []
@@ -362,7 +365,8 @@ def prepare(calls, specs: dict, io_dir: Path) -> list[Prepared]:
             continue
         manifest.append({"check": call.check, "arguments": call.arguments, "cases": encoded,
                          "adapter": spec.adapter})
-    (io_dir / _exchange.MANIFEST).write_text(json.dumps({"seed": secrets.randbits(31), "calls": manifest}),
+    (io_dir / _exchange.MANIFEST).write_text(json.dumps({"seed": secrets.randbits(31), "calls": manifest,
+                                                         "withheld": [list(key) for key in withheld]}),
                                              encoding="utf-8")
     return prepared
 
@@ -641,8 +645,9 @@ async def _grade_into(row: Row, handed: Handed, lessons, options: Options, conte
     scratch = None
     try:
         (io_dir / "submission.ipynb").write_bytes(handed.data)
-        prepared = await asyncio.to_thread(prepare, row.lesson.calls, context["specs"], io_dir)
         view = context["views"].get(row.lesson)
+        prepared = await asyncio.to_thread(prepare, row.lesson.calls, context["specs"], io_dir,
+                                           context["views"].withheld.get(row.lesson.name, ()))
         for path in [io_dir, *io_dir.iterdir()]:
             path.chmod(0o555 if path.is_dir() else 0o444)
         outcome, results, (arrays, scratch) = await execute(submission.path.name, io_dir, view,

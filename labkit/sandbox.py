@@ -171,7 +171,12 @@ def _functions(tree: ast.Module):
 
 
 def _names_used(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | \
+    """Global names and attribute names ``node`` uses. Its parameters and the names it assigns are
+    local: ``attack(model, x)`` on a parameter called ``attack`` is not a call of ``explore.attack``."""
+    local = {a.arg for n in ast.walk(node) if isinstance(n, ast.arguments)
+             for a in (*n.posonlyargs, *n.args, *n.kwonlyargs, n.vararg, n.kwarg) if a is not None}
+    local |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return ({n.id for n in ast.walk(node) if isinstance(n, ast.Name)} - local) | \
            {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
 
 
@@ -190,15 +195,23 @@ def _call_graph(root: Path):
     return functions, by_name
 
 
-def _closure(start, functions, by_name) -> set:
-    seen, todo = set(start), list(start)
+def _closure(start, functions, by_name, mentioned=None) -> set:
+    """The functions ``start`` reaches, calls matched by name. Given ``mentioned`` (the names the
+    caller's own code uses), a method ``Class.method`` counts only once ``Class`` is named on the
+    way (rapid type analysis): ``fit`` calls ``adversary.loss``, which reaches
+    ``PGDAdversary.loss`` only for code that names ``PGDAdversary``."""
+    classes_needed = mentioned is not None
+    mentioned = set(mentioned or ()) | {key[1].split(".")[0] for key in start}
+    seen, parked, todo = set(start), set(), list(start)
     while todo:
-        key = todo.pop()
-        for name in functions[key][1]:
-            for callee in by_name.get(name, ()):
-                if callee not in seen:
-                    seen.add(callee)
-                    todo.append(callee)
+        for name in functions[todo.pop()][1] - mentioned:
+            mentioned.add(name)
+            parked |= by_name.get(name, set()) - seen
+        ready = {key for key in parked if not classes_needed or "." not in key[1]
+                 or key[1].split(".")[0] in mentioned}
+        parked -= ready
+        seen |= ready
+        todo += ready
     return seen
 
 
@@ -210,13 +223,16 @@ def _computes_gradients(node: ast.AST) -> bool:
 def labkit_names_used(sources: list[str]) -> set[str]:
     """The labkit functions a lesson notebook uses by name: ``attribution.sanity_check``,
     ``labkit.plot.heatmap``, ``from labkit.attribution import gradient`` (their last names)."""
-    names = set()
+    trees = []
     for source in sources:
+        # IPython magics and shell lines are not Python: blank them so the rest of the cell counts
+        plain = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines())
         try:
-            tree = ast.parse(source)
+            trees.append(ast.parse(plain))
         except SyntaxError:
             continue
-        aliases = {"labkit"}
+    names, aliases = set(), {"labkit"}  # an import in one cell names labkit's modules in every later cell
+    for tree in trees:
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "labkit":
                 for alias in node.names:
@@ -224,6 +240,7 @@ def labkit_names_used(sources: list[str]) -> set[str]:
                     names.add(alias.name)
             elif isinstance(node, ast.Import):
                 aliases.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == "labkit")
+    for tree in trees:
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute):
                 base = node.value
@@ -275,6 +292,49 @@ def _gives_the_answer(function, spec) -> bool:
     return False
 
 
+def _returned_calls(reference, by_name) -> set:
+    """The labkit functions (outside the checks) whose call a reference written in the checks
+    returns, give or take ``torch.stack(...)`` and ``.detach()``, on its own inputs: the
+    function that computes the exercise (``return attribution.gradcam(model, x, target,
+    layer=layer)``). A call on the result of another labkit function (``to_heatmap(gradient(...))``)
+    is not one: the outer function is a tool the exercise may use."""
+    import inspect
+    import textwrap
+    function = getattr(reference, "__func__", reference)
+    try:
+        if not function.__module__.startswith("labkit.checks"):
+            return set()
+        node = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    except (AttributeError, OSError, TypeError, SyntaxError, IndexError):
+        return set()
+    returned = [n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value is not None]
+    keys = set()
+    while returned:
+        call = returned.pop()
+        if isinstance(call, (ast.List, ast.Tuple)):
+            returned += call.elts
+            continue
+        if not isinstance(call, ast.Call):
+            continue
+        func = call.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name in ("stack", "detach"):  # torch.stack([...]) / (...).detach(): look inside
+            returned += call.args if name == "stack" else [func.value]
+            continue
+        computed = [a for a in ast.walk(call) if a is not call and isinstance(a, ast.Call)
+                    and (a.func.attr if isinstance(a.func, ast.Attribute) else getattr(a.func, "id", ""))
+                    in by_name and a is not getattr(func, "value", None)]
+        if computed:
+            continue
+        owner = func.value if isinstance(func, ast.Attribute) else None
+        if isinstance(owner, ast.Call):  # Adversary(...).loss(...): that class's method only
+            cls = owner.func.attr if isinstance(owner.func, ast.Attribute) else getattr(owner.func, "id", "")
+            keys |= {key for key in by_name.get(name, ()) if key[1] == f"{cls}.{name}"}
+        else:
+            keys |= by_name.get(name, set())
+    return keys
+
+
 def plan_view(specs, notebook_sources: list[str], root: Path = LABKIT_DIR):
     """Which labkit functions the sandbox's copy leaves out for a lesson: ``(removed, kept)``.
 
@@ -292,8 +352,17 @@ def plan_view(specs, notebook_sources: list[str], root: Path = LABKIT_DIR):
         for key in _closure(references, functions, by_name) - references:
             if _computes_gradients(functions[key][0]) and _gives_the_answer(_function(key), spec):
                 answers.add(key)
-    used = {key for name in labkit_names_used(notebook_sources) for key in by_name.get(name, ())}
-    needed = _closure(used, functions, by_name)
+        # A reference written in the checks (``lesson08.lrp_epsilon``) is a thin call of labkit's
+        # own functions (``attribution.lrp`` with ``Epsilon``): with the right options they compute
+        # the exercise, so they go too, and so does any helper of theirs that gives the answer.
+        callees = _returned_calls(spec.reference, by_name)
+        answers |= callees
+        for key in _closure(callees, functions, by_name) - callees:
+            if key not in answers and _gives_the_answer(_function(key), spec):
+                answers.add(key)
+    names = labkit_names_used(notebook_sources)
+    used = {key for name in names for key in by_name.get(name, ())}
+    needed = _closure(used, functions, by_name, mentioned=names)
     return answers - needed, answers & needed
 
 

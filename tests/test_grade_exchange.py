@@ -184,3 +184,68 @@ def test_answers_that_are_not_one_tensor_are_adapted_in_the_sandbox_as_the_check
     assert through_the_kernel("check_straight_through", quantize_bpda, tmp_path / "c")["passed"]
     verdict = through_the_kernel("check_straight_through", no_gradient, tmp_path / "d")
     assert not verdict["passed"] and "gradient" in verdict["hint"]
+
+
+
+
+def _lesson_plans():
+    """``(lesson, spec, removed | kept)`` for every check of every solution notebook."""
+    from pathlib import Path
+
+    import nbformat
+
+    from labkit import sandbox
+    solutions = Path(__file__).resolve().parents[1] / "solutions"
+    for name, lesson in sorted(grade.load_lessons(solutions).items()):
+        nb = nbformat.read(solutions / f"{name}.ipynb", as_version=4)
+        specs = [SPECS[c] for c in lesson.checks if c in SPECS]
+        removed, kept = sandbox.plan_view(specs, [c.source for c in nb.cells if c.cell_type == "code"])
+        for spec in specs:
+            yield pytest.param(spec, sorted(removed | kept), id=f"{name}-{spec.name}")
+
+
+@pytest.mark.parametrize("spec, withheld", list(_lesson_plans()))
+def test_no_labkit_function_computes_an_exercise_while_the_student_is_called(spec, withheld):
+    """The class "a wrapper around labkit's own function": every check whose reference calls labkit
+    (``lesson08.lrp_epsilon`` calls ``attribution.lrp``) finds that function removed from the
+    sandbox's copy or withheld while the student's functions run, in every lesson."""
+    from labkit import sandbox
+    functions, by_name = sandbox._call_graph(sandbox.LABKIT_DIR)
+    calls_labkit = sandbox.reference_functions([spec]) or sandbox._returned_calls(spec.reference, by_name)
+    if not calls_labkit:
+        pytest.skip(f"{spec.name}'s reference is plain torch: no labkit function gives its answer")
+    with _engine.case_context(0):
+        case = _engine.cases_for(spec, 0)[0]
+    with pytest.raises(RuntimeError, match="not available while the grader calls your functions"):
+        with _exchange.withheld(withheld):
+            spec.reference(*case.args, **case.kwargs)
+    spec.reference(*case.args, **case.kwargs)  # and back to normal afterwards
+
+
+def test_withheld_functions_raise_through_names_bound_before():
+    from labkit import attribution, train
+    early, adversary = attribution.gradient, train.FGSMMixedAdversary(eps=0.1)
+    loss = adversary.loss
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.rand(2, 1, 2, 2), torch.tensor([0, 1])
+    keys = [("attribution/gradients.py", "gradient"), ("train.py", "FGSMMixedAdversary.loss")]
+    with _exchange.withheld(keys):
+        for call in (lambda: early(model, x, y), lambda: loss(model, x, y)):
+            with pytest.raises(RuntimeError, match="not available"):
+                call()
+    assert early(model, x, y).shape == x.shape and torch.isfinite(loss(model, x, y))
+
+
+def test_the_call_graph_keeps_only_what_a_lesson_reaches():
+    """``fit`` calls ``adversary.loss`` and ``attacks.accuracy`` calls its ``attack`` parameter:
+    neither reaches labkit's PGD unless the lesson names an adversary that uses it (lesson 03
+    trains a surrogate with ``fit`` and must not keep labkit's ``fgsm``/``pgd``)."""
+    from labkit import sandbox
+    functions, by_name = sandbox._call_graph(sandbox.LABKIT_DIR)
+    fit = by_name["fit"]
+    plain = sandbox._closure(fit, functions, by_name, mentioned={"fit"})
+    assert not {key[1] for key in plain} & {"pgd", "fgsm"}
+    adversarial = sandbox._closure(fit, functions, by_name, mentioned={"fit", "PGDAdversary"})
+    assert "pgd" in {key[1] for key in adversarial}
+    names = sandbox.labkit_names_used(["from labkit import attacks\n%matplotlib inline", "attacks.deepfool(m, x)"])
+    assert "deepfool" in names  # an import in one cell names the module in later cells, magics aside

@@ -63,6 +63,18 @@ def tiny_lesson() -> nbformat.NotebookNode:
     ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
 
 
+def tiny_lesson_using_labkit() -> nbformat.NotebookNode:
+    """The tiny lesson whose notebook itself calls labkit's ``attribution.gradient`` after the
+    exercise, so the sandbox's copy must keep it: it is withheld only while the grader calls the
+    student's functions."""
+    nb = tiny_lesson()
+    nb.cells[0].source = "# 91 A tiny lesson that uses labkit's own gradient"
+    nb.cells.append(new_code_cell("from labkit import attribution\n"
+                                  "demo = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))\n"
+                                  "print(attribution.gradient(demo, torch.ones(1, 1, 2, 2), 1).shape)"))
+    return nb
+
+
 def attack(source: str, solution: bool = True) -> nbformat.NotebookNode:
     """The tiny lesson's solution (or its student version) followed by the attacker's cell."""
     nb = tiny_lesson() if solution else student_notebook(tiny_lesson())
@@ -294,6 +306,7 @@ def run(tmp_path_factory):
     lessons, subs = folder / "lessons", folder / "submissions"
     lessons.mkdir()
     nbformat.write(tiny_lesson(), lessons / "90_tiny.ipynb")
+    nbformat.write(tiny_lesson_using_labkit(), lessons / "91_tiny_uses.ipynb")
     shutil.copy(LESSON_01, lessons / LESSON_01.name)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -321,6 +334,12 @@ def run(tmp_path_factory):
                         "real_wrapper": real_lesson_wrapper()}.items():
         (subs / student).mkdir(parents=True)
         nbformat.write(nb, subs / student / LESSON_01.name)
+    wrapper = student_notebook(tiny_lesson_using_labkit())
+    wrapper.cells.append(new_code_cell("bound_early = attribution.gradient   # a name taken before grading\n"
+                                       "gradient = lambda model, x, target: bound_early(model, x, target)"))
+    for student, nb in {"uses_honest": tiny_lesson_using_labkit(), "uses_wrapper": wrapper}.items():
+        (subs / student).mkdir(parents=True)
+        nbformat.write(nb, subs / student / "91_tiny_uses.ipynb")
     (subs / "honest" / ".hidden.ipynb").write_text("{}")
     (subs / "honest" / "notes.txt").write_text("not a notebook")
     (subs / "linked.ipynb").symlink_to(LESSON_01)
@@ -381,6 +400,16 @@ def test_wrapping_labkits_function_in_the_real_lesson_01_fails(run):
     assert row["check_gradient"] == "fail", row
     summary = (run.folder / "out" / "summary" / "real_wrapper.md").read_text(encoding="utf-8")
     assert "not available while lesson 01_gradient_saliency is graded" in summary
+
+
+def test_a_labkit_function_the_lesson_itself_uses_is_withheld_while_the_student_is_called(run):
+    assert_passes(run.rows["uses_honest"])
+    assert run.rows["uses_honest"]["status"] == "ok", run.rows["uses_honest"]
+    row = run.rows["uses_wrapper"]
+    assert row["check_gradient"] == "fail" and row["score"] == "0.000", row
+    summary = (run.folder / "out" / "summary" / "uses_wrapper.md").read_text(encoding="utf-8")
+    assert "not available while the grader calls your functions" in summary
+    assert "lesson 91_tiny_uses uses labkit's" in run.log
 
 
 def test_nothing_of_the_grader_is_readable_or_reachable(run):
