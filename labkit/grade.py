@@ -25,7 +25,9 @@ capped by cgroups, a wall-clock limit), and the verdicts are computed *outside* 
 The sandbox's labkit is a copy in which the references of the lesson's checks, and labkit
 helpers that return the same answer (``attribution.gradients._logit_gradient`` for ``attribution.gradient``),
 raise instead of computing it; handing in or wrapping labkit's own function therefore cannot
-pass. Functions the lesson notebook itself uses stay (the grader lists them when it starts).
+pass. Such a function that the lesson notebook itself uses stays in the copy but is withheld
+while the student's functions are called (:func:`labkit._exchange.withheld`; the grader lists
+them when it starts).
 
 Without bubblewrap (macOS, a laptop without it) ``--sandbox auto`` warns loudly and runs each
 submission as a plain subprocess: the verdicts are still computed outside, but the notebook

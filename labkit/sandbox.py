@@ -340,9 +340,11 @@ def plan_view(specs, notebook_sources: list[str], root: Path = LABKIT_DIR):
 
     Removed: the references of the lesson's checks, and every labkit function they reach that
     takes a gradient and, called on a check's inputs, returns the reference's answer
-    (``attribution.gradients._logit_gradient`` for ``attribution.gradient``): what a "wrapper around labkit's own
-    function" would call. Kept although they would be removed: those the lesson notebook itself
-    uses, or reaches through what it uses (the student's notebook must run).
+    (``attribution.gradients._logit_gradient`` for ``attribution.gradient``); for a reference
+    written in the checks, the labkit function whose call it returns (:func:`_returned_calls`):
+    what a "wrapper around labkit's own function" would call. Kept although they would be
+    removed: those the lesson notebook itself uses, or reaches through what it uses (the
+    student's notebook must run); the grader withholds those while the student's functions run.
     """
     functions, by_name = _call_graph(root)
     answers = set()
