@@ -249,3 +249,26 @@ def test_the_call_graph_keeps_only_what_a_lesson_reaches():
     assert "pgd" in {key[1] for key in adversarial}
     names = sandbox.labkit_names_used(["from labkit import attacks\n%matplotlib inline", "attacks.deepfool(m, x)"])
     assert "deepfool" in names  # an import in one cell names the module in later cells, magics aside
+
+
+def _mixed_loss(detach: bool):
+    def fgsm_mixed_loss(model, x, y, eps, alpha):
+        import torch.nn.functional as F
+        x_copy = x.detach().clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_copy), y), x_copy)
+        x_adv = (x + eps * grad.sign()).clamp(0, 1).detach()
+        loss = alpha * F.cross_entropy(model(x), y) + (1 - alpha) * F.cross_entropy(model(x_adv), y)
+        return loss.detach() if detach else loss
+    return fgsm_mixed_loss
+
+
+def test_a_loss_that_must_keep_its_graph_is_judged_alike_in_the_notebook_and_the_grader(tmp_path):
+    """Lesson 09's mixed loss is returned attached (training backpropagates through it): the
+    lesson's solution passes in the grader as in the notebook, and a detached loss fails both."""
+    from labkit import checks
+    spec = SPECS["check_fgsm_mixed_loss"]
+    assert checks.check_fgsm_mixed_loss(_mixed_loss(detach=False)).passed
+    assert through_the_wall(spec, _mixed_loss(detach=False), tmp_path / "a") is None
+    notebook = checks.check_fgsm_mixed_loss(_mixed_loss(detach=True))
+    grader = through_the_wall(spec, _mixed_loss(detach=True), tmp_path / "b")
+    assert not notebook.passed and "detached from the model" in notebook.hint and "detached from the model" in grader

@@ -607,6 +607,8 @@ class Spec:
     - ``adapter``: the name of an :data:`ADAPTERS` entry when the exercise's answer is not one
       tensor (a ``(lower, upper)`` pair, or a function whose backward pass is the answer): the
       check and the sandboxed grader both compare what the adapter makes of the student's function.
+    - ``attached``: for an answer that must stay on the autograd graph (a loss to train with),
+      the hint when it does not; the values are compared detached.
     """
     name: str
     reference: Callable
@@ -622,6 +624,7 @@ class Spec:
     shape_hints: Sequence[Callable] = ()
     steps: str | None = None
     adapter: str | None = None
+    attached: str | None = None
 
 
 class NotAPair:
@@ -814,6 +817,10 @@ def judge_case(spec: Spec, case: Case, ref, before, out, names, *, student=None,
         or _input_changes(inputs_before, case, names)
     if changed:
         raise Failure(changed + where)
+    if spec.attached is not None and isinstance(out, torch.Tensor):
+        if not out.requires_grad:  # a loss to train with: it must keep its graph
+            raise Failure(spec.attached + where)
+        out, ref = out.detach(), ref.detach()
     hint = type_hint(out, ref)
     if hint is None and out.shape != ref.shape:
         known = (shape_hint_of(out, ref, case) for shape_hint_of in spec.shape_hints)

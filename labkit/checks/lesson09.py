@@ -2,8 +2,6 @@
 distance of the consistency metric."""
 from __future__ import annotations
 
-import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +35,9 @@ def _mixed_loss_cases(generator: torch.Generator) -> list[Case]:
 
 
 def fgsm_mixed_loss(model, x, y, eps, alpha):
-    """Reference: labkit's FGSM mixed loss, ``alpha J(x, y) + (1 - alpha) J(x_fgsm, y)``, detached."""
-    return train.FGSMMixedAdversary(eps=eps, alpha=alpha).loss(model, x, y).detach()
+    """Reference: labkit's FGSM mixed loss, ``alpha J(x, y) + (1 - alpha) J(x_fgsm, y)``, attached
+    to the model's graph as training needs it."""
+    return train.FGSMMixedAdversary(eps=eps, alpha=alpha).loss(model, x, y)
 
 
 def _mixed(clean_weight, adversarial_weight, step=+1, direction=torch.sign, clamp=True, score=None,
@@ -73,6 +72,8 @@ MIXED_LOSS = Spec(
     cases=_mixed_loss_cases,
     dims=(),
     forbidden=(train.FGSMMixedAdversary.loss, train.ConsistencyAdversary.loss),
+    attached=("the loss is detached from the model (computed under torch.no_grad(), or .detach()-ed): "
+              "training calls loss.backward(), so return it with its graph"),
     mistakes=(
         Mistake("the weights are swapped: alpha goes with the loss on the clean images, 1 - alpha "
                 "with the loss on the FGSM images", _mixed(lambda a: 1 - a, lambda a: a)),
@@ -108,26 +109,7 @@ MIXED_LOSS = Spec(
 def check_fgsm_mixed_loss(fgsm_mixed_loss) -> _engine.Result:
     """``fgsm_mixed_loss(model, x, y, eps, alpha)``: ``alpha * CE(model(x), y) + (1 - alpha) *
     CE(model(x_fgsm), y)``, a scalar tensor that training can backpropagate through."""
-    if not callable(fgsm_mixed_loss):
-        return _engine.run(MIXED_LOSS, fgsm_mixed_loss)  # the engine's "pass your function" hint
-    attached = []
-
-    @functools.wraps(fgsm_mixed_loss)
-    def detached(*args, **kwargs):
-        # the engine compares detached values; whether the loss can train is noted here
-        loss = fgsm_mixed_loss(*args, **kwargs)
-        if not isinstance(loss, torch.Tensor):
-            return loss
-        attached.append(loss.requires_grad)
-        return loss.detach()
-
-    def trainable(out, case):
-        if attached and not attached[-1]:
-            return ("the loss is detached from the model (computed under torch.no_grad(), or "
-                    ".detach()-ed): training calls loss.backward(), so return it with its graph")
-        return None
-
-    return _engine.run(dataclasses.replace(MIXED_LOSS, requirements=(trainable,)), detached)
+    return _engine.run(MIXED_LOSS, fgsm_mixed_loss)
 
 
 # ---------------------------------------------------------------- the consistency distance
