@@ -64,6 +64,8 @@ BEGIN_SOLUTION = "### BEGIN SOLUTION"
 END_SOLUTION = "### END SOLUTION"
 HINT = "### HINT:"
 SOLUTION_ONLY = "solution-only"
+BEGIN_HIDDEN_TESTS = "### BEGIN HIDDEN TESTS"  # nbgrader's markers for tests it releases without
+END_HIDDEN_TESTS = "### END HIDDEN TESTS"
 DEFAULT_MESSAGE = "replace this line with your code"
 NBGRADER_SCHEMA = 3  # nbgrader 0.6 and later
 
@@ -143,15 +145,24 @@ def _cell_name(name: str, index: int, cell) -> str:
     return f"{name}, cell {index}" + (f" (id {cell.id})" if cell.get("id") else "")
 
 
-def _lesson(solution: nbformat.NotebookNode, name: str, rewrite: Callable[[str, str], str]):
+def _lesson(solution: nbformat.NotebookNode, name: str, rewrite: Callable[[str, str], str],
+            keep_hidden: bool = False):
     """What the student and the nbgrader versions share: no ``solution-only`` cells, no outputs,
     the setup cell, nbgrader metadata on every solution, check and setup cell; ``rewrite(source,
-    where)`` turns each code cell's solution blocks into that version's form."""
+    where)`` turns each code cell's solution blocks into that version's form. ``hidden-check``
+    cells are left out, or (``keep_hidden``, nbgrader's version) kept inside nbgrader's
+    ``### BEGIN HIDDEN TESTS`` markers, which nbgrader removes when it releases the assignment.
+    The lesson's check calls are checked first (points, hidden checks' counterparts)."""
+    from .grade import HIDDEN_TAG, lesson_calls
+    lesson_calls(solution, name)  # ValueError naming cell and line: bad points, a lone hidden check
     nb = copy.deepcopy(solution)
     cells, names = [], []
     for index, cell in enumerate(nb.cells):
-        if SOLUTION_ONLY in cell.get("metadata", {}).get("tags", []):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if SOLUTION_ONLY in tags or (HIDDEN_TAG in tags and not keep_hidden):
             continue
+        if HIDDEN_TAG in tags:
+            cell.source = f"{BEGIN_HIDDEN_TESTS}\n{cell.source.rstrip()}\n{END_HIDDEN_TESTS}"
         where = _cell_name(name, index, cell)
         if cell.cell_type != "code" and BEGIN_SOLUTION in cell.source:
             raise ValueError(f"{where}: solution markers are only allowed in code cells; tag a "
@@ -184,14 +195,18 @@ def nbgrader_source(solution: nbformat.NotebookNode, name: str = "notebook") -> 
     """The version of a solution notebook that ``nbgrader generate_assignment`` takes: the
     student version's cells and metadata, with the solutions in nbgrader's markers and the hints
     as comments above them (a new notebook; the input is untouched)."""
-    return _lesson(solution, name, hints_above_solutions)
+    return _lesson(solution, name, hints_above_solutions, keep_hidden=True)
 
 
 # ---------------------------------------------------------------- nbgrader cell metadata
 
-def _checks_called(cell) -> list[str]:
+def _calls(cell) -> tuple:
     from .grade import check_calls  # the grader's reading of a check call, in one place
-    return list(dict.fromkeys(call.check for call in check_calls(nbformat.v4.new_notebook(cells=[cell]))))
+    return check_calls(nbformat.v4.new_notebook(cells=[cell]))
+
+
+def _checks_called(cell) -> list[str]:
+    return list(dict.fromkeys(call.check for call in _calls(cell)))
 
 
 def _nbgrader_defaults(cell, setup: bool) -> dict | None:
@@ -207,9 +222,12 @@ def _nbgrader_defaults(cell, setup: bool) -> dict | None:
         defined = [line.split("(")[0][4:].strip() for line in cell.source.split("\n") if line.startswith("def ")]
         fallback = re.sub(r"[^A-Za-z0-9_\-]", "_", cell.get("id") or "cell")
         return {**base, "solution": True, "grade_id": "solution_" + "_".join(defined or [fallback])}
-    checks = _checks_called(cell)
-    if checks:
-        return {**base, "grade": True, "locked": True, "points": len(checks), "grade_id": "__".join(checks)}
+    calls = _calls(cell)
+    if calls:
+        checks = list(dict.fromkeys(call.check for call in calls))
+        points = sum(call.points for call in calls)
+        return {**base, "grade": True, "locked": True, "points": int(points) if points == int(points) else points,
+                "grade_id": "__".join(checks)}
     return None
 
 
