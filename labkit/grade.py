@@ -202,11 +202,20 @@ def lesson_calls(nb: nbformat.NotebookNode, where: str = "notebook") -> tuple[Ch
             raise ValueError(f"{where}, cell {index + 1}: tagged {HIDDEN_TAG!r} but calls no check_*")
         for call in cell_calls:
             if call.check not in visible:
-                line = next((n + 1 for n, text in enumerate(cell.source.split("\n")) if call.check in text), 1)
-                raise ValueError(f"{where}, cell {index + 1}, line {line}: hidden check {call.check} has no "
-                                 f"visible counterpart: the lesson must also call {call.check} in a cell "
-                                 f"students see")
+                raise ValueError(f"{where}, {_hidden_call_where(nb, call.check)}: hidden check {call.check} "
+                                 f"has no visible counterpart: the lesson must also call {call.check} in a "
+                                 f"cell students see")
     return calls
+
+
+def _hidden_call_where(nb, check: str) -> str:
+    """``cell N, line L`` of the first hidden call of ``check`` (for error messages)."""
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and HIDDEN_TAG in cell.get("metadata", {}).get("tags", []):
+            for number, text in enumerate(cell.source.split("\n"), start=1):
+                if check in text:
+                    return f"cell {index + 1}, line {number}"
+    return "a hidden-check cell"
 
 
 def _notebook_files(path: Path) -> list[Path]:
@@ -225,12 +234,14 @@ def load_lessons(path: Path, hidden: Path | None = None) -> dict[str, Lesson]:
         if file.stem not in lessons:
             raise ValueError(f"{file}: hidden checks for lesson {file.stem}, which is not among the "
                              f"lessons ({path})")
-        extra = tuple(call for call in check_calls(nbformat.read(file, as_version=4), str(file)) if call.hidden)
+        nb = nbformat.read(file, as_version=4)
+        extra = tuple(call for call in check_calls(nb, str(file)) if call.hidden)
         lesson = lessons[file.stem]
         visible = {call.check for call in lesson.visible}
         for call in extra:
             if call.check not in visible:
-                raise ValueError(f"{file}: hidden check {call.check} has no visible counterpart in "
+                raise ValueError(f"{file}, {_hidden_call_where(nb, call.check)}: hidden check {call.check} "
+                                 f"has no visible counterpart in "
                                  f"{path if Path(path).is_file() else Path(path) / (file.stem + '.ipynb')}")
         lessons[file.stem] = Lesson(lesson.name, tuple(dict.fromkeys(lesson.calls + extra)))
     return lessons

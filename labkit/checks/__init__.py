@@ -38,6 +38,7 @@ trust them.
 """
 import functools
 import importlib
+import inspect
 import pkgutil
 
 from ._engine import Result, clear_results, raising, results
@@ -50,6 +51,10 @@ def _grading_keywords_ignored(check):
     @functools.wraps(check)
     def call(*args, points=None, all_or_nothing=None, **kwargs):
         return check(*args, **kwargs)
+    signature = inspect.signature(check)
+    call.__signature__ = signature.replace(parameters=[
+        *signature.parameters.values(),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("points", "all_or_nothing"))])
     return call
 
 
