@@ -340,3 +340,115 @@ def test_export_flags_refuse_an_existing_folder_or_a_roster_alone(tmp_path, caps
         grade.main([str(tmp_path / "subs"), "--out", str(tmp_path / "g.csv"), "--lessons", str(lessons)])
     assert "00_warmup.ipynb, cell 4, line 1: points=-2: points must not be negative" in capsys.readouterr().err
     assert not (tmp_path / "g.csv").exists()
+
+
+# ---------------------------------------------------------------- the real grader, end to end
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.grading
+def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
+    """The instructor's workflow: student notebooks as --lessons and the solutions as --hidden;
+    points, the hidden check, a late and a duplicate submission, Canvas and feedback pages; then
+    one student's fixed submission regraded into the same gradebook and Canvas file."""
+    solutions, lessons, subs = tmp_path / "solutions", tmp_path / "notebooks", tmp_path / "subs"
+    for folder in (solutions, subs / "carol"):
+        folder.mkdir(parents=True)
+    solution = small_lesson()
+    nbformat.write(solution, solutions / "00_warmup.ipynb")
+    build(solutions, lessons)
+    student = nbformat.read(lessons / "00_warmup.ipynb", as_version=4)
+    assert "points=3" not in (lessons / "00_warmup.ipynb").read_text()  # the hidden check stays with us
+    for path, nb in {subs / "alice.ipynb": solution, subs / "bob.ipynb": student,
+                     subs / "carol.ipynb": solution, subs / "carol" / "00_warmup.ipynb": student,
+                     subs / "<i>eve&.ipynb": solution}.items():
+        nbformat.write(nb, path)
+    late = time.time() + 3600
+    os.utime(subs / "alice.ipynb", (late, late))
+    roster = tmp_path / "roster.csv"
+    roster.write_text(ROSTER, encoding="utf-8")
+    deadline = datetime.datetime.now().isoformat(timespec="minutes")
+    common = [sys.executable, "-m", "labkit.grade", "--lessons", str(lessons), "--hidden", str(solutions),
+              "--sandbox", "none", "--no-progress", "--out", str(tmp_path / "grades.csv"),
+              "--canvas", str(tmp_path / "canvas.csv"), "--roster", str(roster)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(common + [str(subs), "--jobs", "2", "--deadline", deadline,
+                                   "--feedback", str(tmp_path / "feedback")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    rows = {(r["student"], Path(r["notebook"]).name): r for r in read_csv(tmp_path / "grades.csv")}
+    alice, bob = rows[("alice", "alice.ipynb")], rows[("bob", "bob.ipynb")]
+    assert (alice["check_predict_proba"], alice["hidden"], alice["points"], alice["max_points"],
+            alice["score"]) == ("pass", "1/1", "5", "5", "1.000")
+    assert alice["points: check_predict_proba"] == "5" and alice["notes"].startswith("late: modified")
+    assert (bob["check_predict_proba"], bob["hidden"], bob["points"], bob["score"]) == ("fail", "0/1", "0", "0.000")
+    carols = [r for (name, _), r in rows.items() if name == "carol"]
+    assert len(carols) == 2 and all("duplicate: carol handed in 00_warmup 2 times" in r["notes"] for r in carols)
+    assert "late: alice" in run.stderr and "duplicate: carol" in run.stderr
+    assert "not in the roster, not exported (1): <i>eve&" in run.stderr
+    canvas = {r["ID"]: r for r in read_csv(tmp_path / "canvas.csv") if r["ID"]}
+    assert (canvas["101"]["00_warmup"], canvas["102"]["00_warmup"], canvas["103"]["00_warmup"]) == ("5", "0", "")
+    pages = {p.name: p.read_text(encoding="utf-8") for p in (tmp_path / "feedback").iterdir()}
+    assert set(pages) == {"alice--00_warmup.html", "bob--00_warmup.html", "carol--00_warmup.html",
+                          "carol--00_warmup-2.html", "i_eve--00_warmup.html"}
+    assert "<i>eve" not in pages["i_eve--00_warmup.html"] and "&lt;i&gt;eve&amp;" in pages["i_eve--00_warmup.html"]
+    assert "not implemented yet" in pages["bob--00_warmup.html"] and "Hidden checks: 0 of 1 passed" in pages["bob--00_warmup.html"]
+    assert "Score: 5 / 5 points (100%)" in pages["alice--00_warmup.html"]
+
+    # bob fixes his notebook: regrade him alone; everyone else's row stays as it was
+    before = {key: r for key, r in rows.items() if key[0] != "bob"}
+    nbformat.write(solution, subs / "bob.ipynb")
+    run = subprocess.run(common + [str(subs), "--only-student", "bob", "--feedback", str(tmp_path / "feedback")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "regrade: 1 rows written into" in run.stderr and "(1 old rows replaced, 0 added, 4 kept" in run.stderr
+    rows = {(r["student"], Path(r["notebook"]).name): r for r in read_csv(tmp_path / "grades.csv")}
+    assert {key: r for key, r in rows.items() if key[0] != "bob"} == before
+    assert (rows[("bob", "bob.ipynb")]["points"], rows[("bob", "bob.ipynb")]["hidden"]) == ("5", "1/1")
+    assert rows[("bob", "bob.ipynb")]["notes"].startswith("regraded ")
+    assert {r["ID"]: r["00_warmup"] for r in read_csv(tmp_path / "canvas.csv") if r["ID"]}["102"] == "5"
+    assert "Score: 5 / 5" in (tmp_path / "feedback" / "bob--00_warmup.html").read_text(encoding="utf-8")
+    assert len(list((tmp_path / "feedback").iterdir())) == 5
+
+
+@pytest.mark.grading
+def test_the_gradescope_autograder_runs_lesson_01_in_gradescopes_layout(tmp_path):
+    """--gradescope writes the autograder; its run_autograder, run here with the root moved to a
+    temporary folder, grades lesson 01's solution with one hidden check and writes results.json."""
+    lesson = ROOT / "solutions" / "01_gradient_saliency.ipynb"
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    nbformat.write(new_notebook(cells=[hidden_cell("checks.check_gradient(gradient, points=2)")]),
+                   hidden / lesson.name)
+    out = tmp_path / "gradescope"
+    run = subprocess.run([sys.executable, "-m", "labkit.grade", "--gradescope", str(out), "--lessons",
+                          str(ROOT / "solutions"), "--hidden", str(hidden), "--only-lesson", "01", "--sandbox", "none"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    assert {p.name for p in out.iterdir()} >= {"setup.sh", "run_autograder", "labkit-src", "lessons", "hidden",
+                                               "config.json", "apt.txt"}
+    assert os.access(out / "run_autograder", os.X_OK) and os.access(out / "setup.sh", os.X_OK)
+    assert [p.name for p in (out / "lessons").iterdir()] == [lesson.name]
+    released = (out / "lessons" / lesson.name).read_text(encoding="utf-8")
+    assert "### BEGIN SOLUTION" not in released and "NotImplementedError" in released  # the student version
+    # Gradescope's layout: /autograder/{source,submission,results}
+    root = tmp_path / "autograder"
+    shutil.copytree(out, root / "source")
+    (root / "submission").mkdir()
+    (root / "results").mkdir()
+    shutil.copy(lesson, root / "submission" / "my_work.ipynb")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update({gradebook.ROOT_ENV: str(root), "LABKIT_PYTHON": sys.executable,
+                "PYTHONPATH": str(root / "source" / "labkit-src")})  # the autograder's own copy of labkit
+    run = subprocess.run([str(root / "source" / "run_autograder")], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = json.loads((root / "results" / "results.json").read_text(encoding="utf-8"))
+    assert_gradescope_results(results)
+    calls = grade.load_lessons(lesson)[lesson.stem].calls
+    assert [t["name"] for t in results["tests"]] == [c.check for c in calls] + ["check_gradient (hidden 1)"]
+    assert results["score"] == sum(c.points for c in calls) + 2, results["output"]
+    assert [t["visibility"] for t in results["tests"]] == ["visible"] * len(calls) + ["after_published"]
