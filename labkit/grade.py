@@ -41,6 +41,15 @@ submission, says which checks count and what each is called on (its ``check_*(..
 parsed with ``ast``), so deleting a check call does not remove it from the score. Grading needs
 only the lessons' check calls: the student notebooks (``notebooks/``) serve as ``--lessons``
 as well as the solutions do.
+
+Points and hidden checks
+------------------------
+A lesson's check call may carry ``points=`` (default 1) and ``all_or_nothing=True`` (the
+exercise, every call of that check, earns its points only when all pass); the in-notebook checks
+ignore both. Calls in cells tagged ``hidden-check`` are hidden checks: ``labkit.notebooks build``
+removes them from the student notebooks, the grader runs them (from ``--lessons`` when those are
+the solutions, else from ``--hidden``) and feedback shows them as a count. The score is points /
+maximum. Regrades, late and duplicate notes and the exports are in :mod:`labkit.gradebook`.
 """
 from __future__ import annotations
 

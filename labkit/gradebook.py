@@ -327,6 +327,8 @@ apt-get update
 apt-get install -y python3 python3-pip python3-venv $(grep -v '^#' apt.txt | tr '\\n' ' ')
 python3 -m venv /autograder/venv
 /autograder/venv/bin/pip install --upgrade pip
+# the CPU build of torch (the sandbox sees no GPU; Gradescope's machines have none)
+/autograder/venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
 /autograder/venv/bin/pip install ./labkit-src ipykernel
 """
 

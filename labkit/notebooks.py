@@ -6,7 +6,10 @@ generated from it and never edited by hand. Generating a student notebook
 - replaces the code between nbgrader's markers ``### BEGIN SOLUTION`` and ``### END SOLUTION``
   by one line ``raise NotImplementedError("...")`` at the indentation of the BEGIN marker; a
   ``### HINT: ...`` comment inside the block becomes the message (several are joined);
-- removes cells tagged ``solution-only`` (cell metadata ``tags``), e.g. answers to questions;
+- removes cells tagged ``solution-only`` (cell metadata ``tags``), e.g. answers to questions,
+  and cells tagged ``hidden-check``: check calls only the grader runs (``labkit.grade``; a hidden
+  check needs a visible call of the same check, and ``points=`` values must be numbers >= 0, or
+  ``build`` stops naming the cell and line);
 - clears outputs, execution counts, execution timings and saved widget state;
 - inserts a setup cell after the title that installs labkit where the kernel cannot import it
   (Colab, a fresh environment) and does nothing elsewhere: from a ``labkit-*.whl`` or
@@ -30,9 +33,12 @@ versions carry the same cell metadata, written where a solution cell has none of
 
 - the setup cell: read-only (locked), ``grade_id`` ``labkit_setup``;
 - a code cell with a solution block: a solution cell, ``grade_id`` ``solution_<function>``;
-- a code cell that calls checks: a locked test cell worth one point per check, ``grade_id``
-  the check's name (``check_gradient``); a name taken already gets ``_2``, ``_3``, ...;
-- ``solution-only`` cells are left out of both, so nbgrader never sees them.
+- a code cell that calls checks: a locked test cell worth its calls' points (``points=`` in
+  the call, 1 by default), ``grade_id`` the check's name (``check_gradient``); a name taken
+  already gets ``_2``, ``_3``, ...;
+- ``solution-only`` cells are left out of both, so nbgrader never sees them; ``hidden-check``
+  cells are left out of the student version and kept in the source version inside nbgrader's
+  ``### BEGIN HIDDEN TESTS`` / ``### END HIDDEN TESTS``, which nbgrader strips on release.
 
 A cell whose solution notebook sets ``metadata.nbgrader`` keeps that metadata as it is (e.g.
 other points). Wrong metadata fails ``build`` and ``check``: a solution block outside a solution
