@@ -84,8 +84,10 @@ def mark(rows: list, deadline: datetime.datetime | None, log) -> None:
 
 
 def _duration(delta: datetime.timedelta) -> str:
-    minutes = int(delta.total_seconds() // 60)
-    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+    seconds = int(delta.total_seconds())
+    minutes = seconds // 60
+    return (f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min" if minutes
+            else f"{seconds} s")
 
 
 def resolve_lesson(given: str, lessons: dict) -> str:

@@ -227,6 +227,23 @@ def test_a_regrade_replaces_only_its_rows_and_keeps_the_others(tmp_path):
     assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"
 
 
+def test_only_lesson_and_only_student_choose_the_submissions_to_regrade(tmp_path):
+    lessons = {name: grade.Lesson(name, (grade.CheckCall("check_a", "f"),)) for name in ("00_tour", "01_saliency")}
+    assert gradebook.resolve_lesson("01", lessons) == gradebook.resolve_lesson("01_saliency", lessons) == "01_saliency"
+    with pytest.raises(ValueError, match="--only-lesson 7: expected one of the lessons \\(00_tour, 01_saliency\\)"):
+        gradebook.resolve_lesson("7", lessons)
+    for relative in ("alice/00_tour.ipynb", "alice/01_saliency.ipynb", "bob/01_saliency.ipynb", "bob/extra.ipynb"):
+        (tmp_path / relative).parent.mkdir(exist_ok=True)
+        (tmp_path / relative).write_text("{}")
+    found = grade.find_submissions([tmp_path])
+    chosen = lambda select: sorted(str(s.path.relative_to(tmp_path)) for s in found if select(s, lessons))  # noqa: E731
+    assert chosen(gradebook.selector(["alice"], None)) == ["alice/00_tour.ipynb", "alice/01_saliency.ipynb"]
+    # a file whose name tells no lesson is graded too; its row is kept only if it is lesson 01's
+    assert chosen(gradebook.selector(None, "01_saliency")) == ["alice/01_saliency.ipynb", "bob/01_saliency.ipynb",
+                                                               "bob/extra.ipynb"]
+    assert chosen(gradebook.selector(["bob"], "00_tour")) == []
+
+
 # ---------------------------------------------------------------- Canvas
 
 ROSTER = ("Student,ID,SIS User ID,SIS Login ID,Section\n"
@@ -370,7 +387,7 @@ def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
     os.utime(subs / "alice.ipynb", (late, late))
     roster = tmp_path / "roster.csv"
     roster.write_text(ROSTER, encoding="utf-8")
-    deadline = datetime.datetime.now().isoformat(timespec="minutes")
+    deadline = (datetime.datetime.now() + datetime.timedelta(minutes=10)).isoformat(timespec="minutes")
     common = [sys.executable, "-m", "labkit.grade", "--lessons", str(lessons), "--hidden", str(solutions),
               "--sandbox", "none", "--no-progress", "--out", str(tmp_path / "grades.csv"),
               "--canvas", str(tmp_path / "canvas.csv"), "--roster", str(roster)]
@@ -385,6 +402,7 @@ def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
             alice["score"]) == ("pass", "1/1", "5", "5", "1.000")
     assert alice["points: check_predict_proba"] == "5" and alice["notes"].startswith("late: modified")
     assert (bob["check_predict_proba"], bob["hidden"], bob["points"], bob["score"]) == ("fail", "0/1", "0", "0.000")
+    assert bob["notes"] == "" and "after the deadline" in alice["notes"]
     carols = [r for (name, _), r in rows.items() if name == "carol"]
     assert len(carols) == 2 and all("duplicate: carol handed in 00_warmup 2 times" in r["notes"] for r in carols)
     assert "late: alice" in run.stderr and "duplicate: carol" in run.stderr
