@@ -1051,13 +1051,26 @@ def summary_markdown(row: Row) -> str:
 
 
 
-def write_summaries(rows: list[Row], folder: Path) -> None:
+def write_summaries(rows: list[Row], folder: Path, into_existing: bool = False) -> None:
+    """One page per row, the folder written whole; a regrade (``into_existing``) replaces only
+    its rows' pages in the folder, each atomically."""
+    if into_existing and Path(folder).is_dir():
+        for row, name in zip(rows, _file_names(rows)):
+            with atomic_file(Path(folder) / f"{name}.md") as file:
+                file.write(summary_markdown(row))
+        return
     with atomic_folder(folder) as temporary:
         for row, name in zip(rows, _file_names(rows)):
             (temporary / f"{name}.md").write_text(summary_markdown(row), encoding="utf-8")
 
 
-def write_executed(rows: list[Row], folder: Path) -> None:
+def write_executed(rows: list[Row], folder: Path, into_existing: bool = False) -> None:
+    if into_existing and Path(folder).is_dir():
+        for row, name in zip(rows, _file_names(rows)):
+            if row.executed is not None:
+                with atomic_file(Path(folder) / f"{name}.ipynb") as file:
+                    file.write(nbformat.writes(row.executed))
+        return
     with atomic_folder(folder) as temporary:
         for row, name in zip(rows, _file_names(rows)):
             if row.executed is not None:
@@ -1201,9 +1214,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         write_gradebook(rows, args.out)
     if args.summary:
-        write_summaries(rows, args.summary)
+        write_summaries(rows, args.summary, into_existing=regrade)
     if args.executed:
-        write_executed(rows, args.executed)
+        write_executed(rows, args.executed, into_existing=regrade)
     if args.feedback:
         gradebook.write_feedback(rows, args.feedback, into_existing=regrade)
     if args.canvas:

@@ -70,7 +70,7 @@ def mark(rows: list, deadline: datetime.datetime | None, log) -> None:
             late = modified - deadline
             row.notes.append(f"late: modified {modified.astimezone().isoformat(timespec='seconds')}, "
                              f"{_duration(late)} after the deadline")
-            log(f"late: {row.student} ({row.notebook}) {row.notes[-1]}")
+            log(f"{row.student} ({row.notebook}): {row.notes[-1]}")
     groups = {}
     for row in rows:
         groups.setdefault((row.student, row.lesson.name if row.lesson else ""), []).append(row)

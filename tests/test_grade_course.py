@@ -198,7 +198,7 @@ def test_late_and_duplicate_submissions_are_noted_never_merged(tmp_path):
         timespec="seconds") + ", 2 h 5 min after the deadline"]
     assert all(len(row.notes) == 1 and row.notes[0].startswith("duplicate: carol handed in 00_x 2 times")
                for row in rows[1:])
-    assert any(line.startswith("late: alice") for line in log) and any("duplicate: carol" in line for line in log)
+    assert any(line.startswith(f"alice ({rows[0].notebook}): late: modified") for line in log) and any("duplicate: carol" in line for line in log)
     assert gradebook.parse_deadline("2026-01-01T12:00Z") == deadline
     with pytest.raises(ValueError, match="--deadline 'tomorrow': expected a date and time"):
         gradebook.parse_deadline("tomorrow")
@@ -390,7 +390,7 @@ def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
     deadline = (datetime.datetime.now() + datetime.timedelta(minutes=10)).isoformat(timespec="minutes")
     common = [sys.executable, "-m", "labkit.grade", "--lessons", str(lessons), "--hidden", str(solutions),
               "--sandbox", "none", "--no-progress", "--out", str(tmp_path / "grades.csv"),
-              "--canvas", str(tmp_path / "canvas.csv"), "--roster", str(roster)]
+              "--canvas", str(tmp_path / "canvas.csv"), "--roster", str(roster), "--summary", str(tmp_path / "summary")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(common + [str(subs), "--jobs", "2", "--deadline", deadline,
                                    "--feedback", str(tmp_path / "feedback")],
@@ -405,7 +405,7 @@ def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
     assert bob["notes"] == "" and "after the deadline" in alice["notes"]
     carols = [r for (name, _), r in rows.items() if name == "carol"]
     assert len(carols) == 2 and all("duplicate: carol handed in 00_warmup 2 times" in r["notes"] for r in carols)
-    assert "late: alice" in run.stderr and "duplicate: carol" in run.stderr
+    assert "alice.ipynb): late: modified" in run.stderr and "duplicate: carol" in run.stderr
     assert "not in the roster, not exported (1): <i>eve&" in run.stderr
     canvas = {r["ID"]: r for r in read_csv(tmp_path / "canvas.csv") if r["ID"]}
     assert (canvas["101"]["00_warmup"], canvas["102"]["00_warmup"], canvas["103"]["00_warmup"]) == ("5", "0", "")
@@ -430,6 +430,9 @@ def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
     assert {r["ID"]: r["00_warmup"] for r in read_csv(tmp_path / "canvas.csv") if r["ID"]}["102"] == "5"
     assert "Score: 5 / 5" in (tmp_path / "feedback" / "bob--00_warmup.html").read_text(encoding="utf-8")
     assert len(list((tmp_path / "feedback").iterdir())) == 5
+    summaries = {p.name: p.read_text(encoding="utf-8") for p in (tmp_path / "summary").iterdir()}
+    assert len(summaries) == 5 and "score: 5/5 points" in summaries["bob.md"]  # the others' pages kept
+    assert "score: 5/5 points" in summaries["alice.md"] and "hidden checks passed: 1/1" in summaries["alice.md"]
 
 
 @pytest.mark.grading
