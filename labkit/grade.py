@@ -232,18 +232,25 @@ def _notebook_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.ipynb")) if path.is_dir() else [path]
 
 
+def _read_lesson(file: Path) -> nbformat.NotebookNode:
+    try:
+        return nbformat.read(file, as_version=4)
+    except (ValueError, UnicodeDecodeError) as err:  # not JSON, not a notebook
+        raise ValueError(f"{file}: not a lesson notebook ({str(err).splitlines()[0][:200]})") from None
+
+
 def load_lessons(path: Path, hidden: Path | None = None) -> dict[str, Lesson]:
     """``{name: Lesson}`` for a lesson notebook or every notebook in a folder; ``hidden``: a
     notebook or folder whose ``hidden-check`` cells add hidden checks to the lessons of the same
     name (the instructor's solutions, when ``path`` holds the student notebooks). ``ValueError``
     naming file, cell and line for bad points or a hidden check without a visible counterpart."""
-    lessons = {file.stem: Lesson(file.stem, lesson_calls(nbformat.read(file, as_version=4), str(file)))
+    lessons = {file.stem: Lesson(file.stem, lesson_calls(_read_lesson(file), str(file)))
                for file in _notebook_files(path)}
     for file in _notebook_files(hidden) if hidden is not None else ():
         if file.stem not in lessons:
             raise ValueError(f"{file}: hidden checks for lesson {file.stem}, which is not among the "
                              f"lessons ({path})")
-        nb = nbformat.read(file, as_version=4)
+        nb = _read_lesson(file)
         extra = tuple(call for call in check_calls(nb, str(file)) if call.hidden)
         lesson = lessons[file.stem]
         visible = {call.check for call in lesson.visible}
@@ -1157,6 +1164,8 @@ def main(argv: list[str] | None = None) -> int:
         known = load_lessons(lessons_path, args.hidden) if lessons_path and (
             args.lessons or args.hidden or regrade or args.gradescope) else None
         only_lesson = gradebook.resolve_lesson(args.only_lesson, known) if args.only_lesson else None
+        if regrade and args.out and args.out.exists():
+            gradebook.read_gradebook(args.out)  # the gradebook a regrade merges into, before any grading
     except (ValueError, OSError) as err:
         parser.error(str(err))
     if args.jobs < 1 or args.timeout < 1 or args.memory < 0 or args.max_output < 1 or args.pids < 16 \
@@ -1220,8 +1229,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.feedback:
         gradebook.write_feedback(rows, args.feedback, into_existing=regrade)
     if args.canvas:
-        with open(args.out, newline="", encoding="utf-8") as file:  # the whole class, after a regrade too
-            gradebook.write_canvas(list(csv.DictReader(file)), roster, args.canvas, log)
+        # the whole class from the gradebook just written, after a regrade too
+        gradebook.write_canvas(gradebook.read_gradebook(args.out)[1], roster, args.canvas, log)
     counts = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1

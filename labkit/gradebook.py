@@ -114,6 +114,16 @@ def selector(students: list[str] | None, lesson: str | None):
     return select
 
 
+def read_gradebook(path: Path) -> tuple[list[str], list[dict]]:
+    """The columns and rows of a gradebook CSV; ``ValueError`` when it is not one."""
+    with open(path, newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        columns, table = list(reader.fieldnames or []), list(reader)
+    if "student" not in columns or "lesson" not in columns:
+        raise ValueError(f"{path}, line 1: not a labkit gradebook (no student and lesson columns)")
+    return columns, table
+
+
 PREFIX = ["student", "lesson", "notebook", "sha256"]
 SUFFIX = ["passed", "total", "points", "max_points", "score", "status", "error", "notes", "seconds"]
 
@@ -125,11 +135,7 @@ def merge_gradebook(rows: list, out: Path, log) -> None:
     if not Path(out).exists():
         grade.write_table(columns, table, out)
         return
-    with open(out, newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        old_columns, old_table = list(reader.fieldnames or []), list(reader)
-    if "student" not in old_columns or "lesson" not in old_columns:
-        raise ValueError(f"{out}, line 1: not a labkit gradebook (no student and lesson columns)")
+    old_columns, old_table = read_gradebook(out)
     middle = [c for c in dict.fromkeys(old_columns + columns) if c not in PREFIX + SUFFIX]
     merged_columns = PREFIX + middle + SUFFIX
     regraded = {}

@@ -204,7 +204,7 @@ def test_late_and_duplicate_submissions_are_noted_never_merged(tmp_path):
         gradebook.parse_deadline("tomorrow")
 
 
-def test_a_regrade_replaces_only_its_rows_and_keeps_the_others(tmp_path):
+def test_a_regrade_replaces_only_its_rows_and_keeps_the_others(tmp_path, capsys):
     lesson = grade.Lesson("00_x", (grade.CheckCall("check_a", "f"),))
     other = grade.Lesson("01_y", (grade.CheckCall("check_b", "g", points=2),))
     out = tmp_path / "grades.csv"
@@ -225,6 +225,15 @@ def test_a_regrade_replaces_only_its_rows_and_keeps_the_others(tmp_path):
     with pytest.raises(ValueError, match="other.csv, line 1: not a labkit gradebook"):
         gradebook.merge_gradebook([row_for(lesson, [True])], tmp_path / "other.csv", log.append)
     assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"
+    (tmp_path / "subs").mkdir()
+    nbformat.write(small_lesson(), tmp_path / "00_x.ipynb")
+    with pytest.raises(SystemExit):  # refused before anything is graded
+        grade.main([str(tmp_path / "subs"), "--out", str(tmp_path / "other.csv"), "--only-student", "bob",
+                    "--lessons", str(tmp_path / "00_x.ipynb")])
+    assert "other.csv, line 1: not a labkit gradebook" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a lesson that is not a notebook, named
+        grade.main([str(tmp_path / "subs"), "--out", str(tmp_path / "g.csv"), "--lessons", str(out)])
+    assert f"{out}: not a lesson notebook (Notebook does not appear to be JSON" in capsys.readouterr().err
 
 
 def test_only_lesson_and_only_student_choose_the_submissions_to_regrade(tmp_path):
