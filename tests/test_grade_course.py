@@ -175,6 +175,17 @@ def test_build_removes_hidden_cells_and_nbgrader_gets_them_as_hidden_tests(tmp_p
     assert not list(notebooks.glob("*.ipynb")) if notebooks.exists() else True
 
 
+def test_nbgrader_releases_the_source_version_without_the_hidden_checks():
+    """nbgrader's own preprocessor (the one `generate_assignment` runs) empties the hidden region
+    and accepts the cell as a graded test cell (it refuses hidden tests outside one)."""
+    preprocessors = pytest.importorskip("nbgrader.preprocessors")
+    source = nbgrader_source(small_lesson(), "00_warmup")
+    released, _ = preprocessors.ClearHiddenTests().preprocess(source, {})
+    hidden = [cell for cell in released.cells if grade.HIDDEN_TAG in cell.metadata.get("tags", [])]
+    assert [cell.source for cell in hidden] == [""]
+    assert "check_predict_proba(predict_proba, points=2)" in [cell.source for cell in released.cells]
+
+
 # ---------------------------------------------------------------- late, duplicate, regrade
 
 def test_late_and_duplicate_submissions_are_noted_never_merged(tmp_path):
