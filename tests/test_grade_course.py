@@ -472,6 +472,15 @@ def test_the_gradescope_autograder_runs_lesson_01_in_gradescopes_layout(tmp_path
     assert {p.name for p in out.iterdir()} >= {"setup.sh", "run_autograder", "labkit-src", "lessons", "hidden",
                                                "config.json", "apt.txt"}
     assert os.access(out / "run_autograder", os.X_OK) and os.access(out / "setup.sh", os.X_OK)
+    assert subprocess.run(["bash", "-n", str(out / "setup.sh")]).returncode == 0
+    # setup.sh's `pip install ./labkit-src`: the copy builds into a wheel with the model weights
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(out / "labkit-src")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    import zipfile
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("labkit-*.whl"))) as wheel:
+        names = wheel.namelist()
+    assert "labkit/gradebook.py" in names and any(n.startswith("labkit/models/weights/") for n in names)
     assert [p.name for p in (out / "lessons").iterdir()] == [lesson.name]
     released = (out / "lessons" / lesson.name).read_text(encoding="utf-8")
     assert "### BEGIN SOLUTION" not in released and "NotImplementedError" in released  # the student version
