@@ -980,11 +980,11 @@ def score_text(row: Row) -> str:
 
 def gradebook_table(rows: list[Row]) -> tuple[list[str], list[dict]]:
     """The gradebook's columns and one dict of cells per row: the visible checks (pass, fail or
-    empty), the hidden ones as ``passed/count``, the points each check earned (its hidden calls
+    empty), ``hidden_passed``/``hidden_total``, the points each check earned (its hidden calls
     included), ``passed``/``total`` visible checks, ``points``/``max_points`` and the ``score``."""
     checks = list(dict.fromkeys(c for row in rows if row.lesson for c in row.lesson.checks))
     hidden = any(row.lesson and row.lesson.hidden for row in rows)
-    columns = ["student", "lesson", "notebook", "sha256", *checks, *(["hidden"] if hidden else []),
+    columns = ["student", "lesson", "notebook", "sha256", *checks, *(["hidden_passed", "hidden_total"] if hidden else []),
                *(f"points: {check}" for check in checks),
                "passed", "total", "points", "max_points", "score", "status", "error", "notes", "seconds"]
     table = []
@@ -1004,7 +1004,7 @@ def gradebook_table(rows: list[Row]) -> tuple[list[str], list[dict]]:
                for check in checks},
             **{f"points: {check}": format_points(points) for check, points in earned.items()}}
         if hidden and row.lesson and row.lesson.hidden:
-            cells["hidden"] = "{}/{}".format(*row.hidden_passed)
+            cells["hidden_passed"], cells["hidden_total"] = row.hidden_passed
         table.append({key: csv_cell(value) for key, value in cells.items()})
     return columns, table
 

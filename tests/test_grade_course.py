@@ -131,9 +131,9 @@ def test_points_per_check_all_or_nothing_and_the_hidden_count():
     assert (row.passed, row.total) == (2, 2)  # the visible checks
     assert row_for(lesson, [True] * 4).points == 10
     columns, table = grade.gradebook_table([row])
-    assert columns.index("hidden") < columns.index("points: check_a") < columns.index("points")
+    assert columns.index("hidden_total") < columns.index("points: check_a") < columns.index("points")
     cells = table[0]
-    assert (cells["check_a"], cells["check_b"], cells["hidden"]) == ("pass", "pass", "0/2")
+    assert (cells["check_a"], cells["check_b"], cells["hidden_passed"], cells["hidden_total"]) == ("pass", "pass", "0", "2")
     assert (cells["points: check_a"], cells["points: check_b"]) == ("2", "0")
     assert (cells["points"], cells["max_points"], cells["score"]) == ("2", "10", "0.200")
     # a notebook that never ran (invalid): no points, the lesson's maximum
@@ -418,10 +418,10 @@ def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = {(r["student"], Path(r["notebook"]).name): r for r in read_csv(tmp_path / "grades.csv")}
     alice, bob = rows[("alice", "alice.ipynb")], rows[("bob", "bob.ipynb")]
-    assert (alice["check_predict_proba"], alice["hidden"], alice["points"], alice["max_points"],
-            alice["score"]) == ("pass", "1/1", "5", "5", "1.000")
+    assert (alice["check_predict_proba"], alice["hidden_passed"], alice["points"], alice["max_points"],
+            alice["score"]) == ("pass", "1", "5", "5", "1.000")
     assert alice["points: check_predict_proba"] == "5" and alice["notes"].startswith("late: modified")
-    assert (bob["check_predict_proba"], bob["hidden"], bob["points"], bob["score"]) == ("fail", "0/1", "0", "0.000")
+    assert (bob["check_predict_proba"], bob["hidden_passed"], bob["points"], bob["score"]) == ("fail", "0", "0", "0.000")
     assert bob["notes"] == "" and "after the deadline" in alice["notes"]
     carols = [r for (name, _), r in rows.items() if name == "carol"]
     assert len(carols) == 2 and all("duplicate: carol handed in 00_warmup 2 times" in r["notes"] for r in carols)
@@ -445,7 +445,7 @@ def test_a_class_graded_exported_and_one_student_regraded(tmp_path):
     assert "regrade: 1 rows written into" in run.stderr and "(1 old rows replaced, 0 added, 4 kept" in run.stderr
     rows = {(r["student"], Path(r["notebook"]).name): r for r in read_csv(tmp_path / "grades.csv")}
     assert {key: r for key, r in rows.items() if key[0] != "bob"} == before
-    assert (rows[("bob", "bob.ipynb")]["points"], rows[("bob", "bob.ipynb")]["hidden"]) == ("5", "1/1")
+    assert (rows[("bob", "bob.ipynb")]["points"], rows[("bob", "bob.ipynb")]["hidden_passed"]) == ("5", "1")
     assert rows[("bob", "bob.ipynb")]["notes"].startswith("regraded ")
     assert {r["ID"]: r["00_warmup"] for r in read_csv(tmp_path / "canvas.csv") if r["ID"]}["102"] == "5"
     assert "Score: 5 / 5" in (tmp_path / "feedback" / "bob--00_warmup.html").read_text(encoding="utf-8")
