@@ -45,8 +45,9 @@ as well as the solutions do.
 Points and hidden checks
 ------------------------
 A lesson's check call may carry ``points=`` (default 1) and ``all_or_nothing=True`` (the
-exercise, every call of that check, earns its points only when all pass); the in-notebook checks
-ignore both. Calls in cells tagged ``hidden-check`` are hidden checks: ``labkit.notebooks build``
+exercise, every call of that check, earns its points only when all pass) or
+``all_or_nothing="name"`` (every call of the checks marked with that name is one exercise); the
+in-notebook checks ignore both. Calls in cells tagged ``hidden-check`` are hidden checks: ``labkit.notebooks build``
 removes them from the student notebooks, the grader runs them (from ``--lessons`` when those are
 the solutions, else from ``--hidden``) and feedback shows them as a count. The score is points /
 maximum. Regrades, late and duplicate notes and the exports are in :mod:`labkit.gradebook`.
@@ -107,7 +108,7 @@ class CheckCall:
     check: str
     arguments: str
     points: float = 1
-    all_or_nothing: bool = False
+    all_or_nothing: bool | str = False  # True: this check's calls; "name": every check marked "name"
     hidden: bool = False
 
 
@@ -132,6 +133,13 @@ class Lesson:
     def max_points(self) -> float:
         return sum(call.points for call in self.calls)
 
+    def exercises(self) -> dict[str, str]:
+        """``{check: exercise}`` for the all-or-nothing checks: ``all_or_nothing="name"`` on any
+        call of a check puts all its calls into exercise ``name``; ``True``, into its own."""
+        named = {call.check: call.all_or_nothing for call in self.calls if isinstance(call.all_or_nothing, str)}
+        return {call.check: named.get(call.check, call.check) for call in self.calls
+                if call.all_or_nothing and call.check not in named} | named
+
     @property
     def number(self) -> str | None:
         match = re.match(r"(\d+)(?:[_\- ]|$)", self.name)
@@ -152,7 +160,8 @@ def _arguments_source(call: ast.Call) -> str:
 
 
 def _grading_options(call: ast.Call, where: str) -> dict:
-    """``points`` (a number >= 0) and ``all_or_nothing`` (True/False) of a check call, checked."""
+    """``points`` (a number >= 0) and ``all_or_nothing`` (True/False or an exercise's name) of a
+    check call, checked."""
     options = {}
     for keyword in call.keywords:
         if keyword.arg not in GRADING_KEYWORDS:
@@ -168,8 +177,9 @@ def _grading_options(call: ast.Call, where: str) -> dict:
                                  f"written in the call (e.g. points=2), got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{where}: points={value}: points must not be negative")
-        elif not isinstance(value, bool):
-            raise ValueError(f"{where}: all_or_nothing={ast.unparse(keyword.value)}: expected True or False")
+        elif not (isinstance(value, bool) or (isinstance(value, str) and value.strip())):
+            raise ValueError(f"{where}: all_or_nothing={ast.unparse(keyword.value)}: expected True, False "
+                             f"or the name of an exercise (a string)")
         options[keyword.arg] = value
     return options
 
@@ -713,15 +723,15 @@ class Row:
 
     def call_points(self) -> list[tuple[CheckCall, bool | None, float]]:
         """``(call, passed, points earned)`` per call of the lesson; ``passed`` is None for a call
-        that never ran. An ``all_or_nothing`` exercise (every call of that check, hidden ones
+        that never ran. An all-or-nothing exercise (:meth:`Lesson.exercises`, hidden calls
         included) earns its points only when all its calls pass."""
         if not self.lesson:
             return []
         count = len(self.lesson.calls)
         passed = [bool(v["passed"]) for v in self.verdicts[:count]] + [None] * (count - len(self.verdicts))
-        strict = {call.check for call in self.lesson.calls if call.all_or_nothing}
-        failed = {call.check for call, ok in zip(self.lesson.calls, passed) if not ok}
-        return [(call, ok, call.points if ok and not (call.check in strict and call.check in failed) else 0)
+        exercise = self.lesson.exercises()
+        failed = {exercise.get(call.check) for call, ok in zip(self.lesson.calls, passed) if not ok} - {None}
+        return [(call, ok, call.points if ok and exercise.get(call.check) not in failed else 0)
                 for call, ok in zip(self.lesson.calls, passed)]
 
     @property

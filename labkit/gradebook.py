@@ -289,10 +289,12 @@ def feedback_html(row) -> str:
         passed, count = row.hidden_passed
         parts.append(f"<p>Hidden checks: {passed} of {count} passed (run by the grader on inputs "
                      f"you did not see; their hints are not shown).</p>")
-    if any(call.all_or_nothing for call in (row.lesson.calls if row.lesson else ())):
-        strict = sorted({call.check for call in row.lesson.calls if call.all_or_nothing})
-        parts.append(f"<p>All or nothing: {e(', '.join(strict))} earn their points only when every "
-                     f"one of their checks, hidden ones included, passes.</p>")
+    groups = {}
+    for check, exercise in (row.lesson.exercises() if row.lesson else {}).items():
+        groups.setdefault(exercise, []).append(check)
+    for checks in groups.values():
+        parts.append(f"<p>All or nothing: {e(', '.join(sorted(checks)))} earn their points only when "
+                     f"every one of their checks, hidden ones included, passes.</p>")
     return "\n".join(parts) + "\n</body></html>\n"
 
 
@@ -372,7 +374,8 @@ def hidden_notebook(lesson) -> nbformat.NotebookNode:
     """A notebook of the lesson's hidden check calls only, each in a ``hidden-check`` cell."""
     cells = []
     for call in lesson.hidden:
-        extra = f", points={grade.format_points(call.points)}" + (", all_or_nothing=True" if call.all_or_nothing else "")
+        extra = f", points={grade.format_points(call.points)}" + (
+            f", all_or_nothing={call.all_or_nothing!r}" if call.all_or_nothing else "")
         cell = nbformat.v4.new_code_cell(f"{call.check}({call.arguments}{extra})")
         cell.metadata["tags"] = [grade.HIDDEN_TAG]
         cells.append(cell)

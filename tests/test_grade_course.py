@@ -88,7 +88,8 @@ def test_points_and_all_or_nothing_are_read_from_the_call_and_left_out_of_its_ar
     ("check_a(f, points='two')", "expected a number"),
     ("check_a(f, points=n)", "expected a number"),
     ("check_a(f, points=True)", "expected a number"),
-    ("check_a(f, all_or_nothing=1)", "expected True or False"),
+    ("check_a(f, all_or_nothing=1)", "expected True, False or the name of an exercise"),
+    ("check_a(f, all_or_nothing='')", "expected True, False or the name of an exercise"),
 ])
 def test_a_bad_points_value_names_the_file_cell_and_line(tmp_path, source, message):
     path = tmp_path / "00_x.ipynb"
@@ -136,6 +137,13 @@ def test_points_per_check_all_or_nothing_and_the_hidden_count():
     assert (cells["check_a"], cells["check_b"], cells["hidden_passed"], cells["hidden_total"]) == ("pass", "pass", "0", "2")
     assert (cells["points: check_a"], cells["points: check_b"]) == ("2", "0")
     assert (cells["points"], cells["max_points"], cells["score"]) == ("2", "10", "0.200")
+    # all_or_nothing="name": the checks marked with one name are one exercise (hidden calls included)
+    ibp = grade.Lesson("11", (grade.CheckCall("check_x", "f", all_or_nothing="ibp"),
+                              grade.CheckCall("check_y", "g", points=2, all_or_nothing="ibp"),
+                              grade.CheckCall("check_z", "h"), grade.CheckCall("check_x", "f", hidden=True)))
+    assert ibp.exercises() == {"check_x": "ibp", "check_y": "ibp"}
+    assert [e for _, _, e in row_for(ibp, [True, True, True, False]).call_points()] == [0, 0, 1, 0]
+    assert [e for _, _, e in row_for(ibp, [True, True, False, True]).call_points()] == [1, 2, 0, 1]
     # a notebook that never ran (invalid): no points, the lesson's maximum
     broken = grade.Row("bob", "bob.ipynb", lesson, status=grade.INVALID)
     assert (broken.points, broken.max_points, grade.score_text(broken)) == (0, 10, "0.000")
