@@ -43,6 +43,16 @@ submission, says which checks count and what each is called on (its ``check_*(..
 parsed with ``ast``), so deleting a check call does not remove it from the score. Grading needs
 only the lessons' check calls: the student notebooks (``notebooks/``) serve as ``--lessons``
 as well as the solutions do.
+
+Points and hidden checks
+------------------------
+A lesson's check call may carry ``points=`` (default 1) and ``all_or_nothing=True`` (the
+exercise, every call of that check, earns its points only when all pass) or
+``all_or_nothing="name"`` (every call of the checks marked with that name is one exercise); the
+in-notebook checks ignore both. Calls in cells tagged ``hidden-check`` are hidden checks: ``labkit.notebooks build``
+removes them from the student notebooks, the grader runs them (from ``--lessons`` when those are
+the solutions, else from ``--hidden``) and feedback shows them as a count. The score is points /
+maximum. Regrades, late and duplicate notes and the exports are in :mod:`labkit.gradebook`.
 """
 from __future__ import annotations
 
@@ -86,11 +96,22 @@ MEMORY, OUTPUT_LIMIT, SANDBOX_DIED = "memory limit", "output limit", "sandbox di
 
 # ---------------------------------------------------------------- lessons and their checks
 
+# Keywords of a check call that only the grader reads (the in-notebook checks accept and ignore
+# them): ``check_gradient(gradient, points=2, all_or_nothing=True)``.
+GRADING_KEYWORDS = ("points", "all_or_nothing")
+HIDDEN_TAG = "hidden-check"  # cell tag: instructor-only check calls, removed from student notebooks
+
+
 @dataclass(frozen=True)
 class CheckCall:
-    """``check(arguments)`` as written in a lesson notebook, e.g. ``("check_gradient", "gradient")``."""
+    """``check(arguments)`` as written in a lesson notebook, e.g. ``("check_gradient", "gradient")``,
+    with what the grader reads from it: its points, whether its exercise (every call of this
+    check) scores all or nothing, and whether it is a hidden check (a ``hidden-check`` cell)."""
     check: str
     arguments: str
+    points: float = 1
+    all_or_nothing: bool | str = False  # True: this check's calls; "name": every check marked "name"
+    hidden: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,25 @@ class Lesson:
     @property
     def checks(self) -> list[str]:
         return list(dict.fromkeys(call.check for call in self.calls))
+
+    @property
+    def visible(self) -> tuple[CheckCall, ...]:
+        return tuple(call for call in self.calls if not call.hidden)
+
+    @property
+    def hidden(self) -> tuple[CheckCall, ...]:
+        return tuple(call for call in self.calls if call.hidden)
+
+    @property
+    def max_points(self) -> float:
+        return sum(call.points for call in self.calls)
+
+    def exercises(self) -> dict[str, str]:
+        """``{check: exercise}`` for the all-or-nothing checks: ``all_or_nothing="name"`` on any
+        call of a check puts all its calls into exercise ``name``; ``True``, into its own."""
+        named = {call.check: call.all_or_nothing for call in self.calls if isinstance(call.all_or_nothing, str)}
+        return {call.check: named.get(call.check, call.check) for call in self.calls
+                if call.all_or_nothing and call.check not in named} | named
 
     @property
     def number(self) -> str | None:
@@ -114,35 +154,125 @@ def _check_name(function: ast.expr) -> str | None:
 
 
 def _arguments_source(call: ast.Call) -> str:
+    """The call's arguments as source, without the grading keywords (the sandbox evaluates them
+    in the student's namespace)."""
     keywords = [f"**{ast.unparse(k.value)}" if k.arg is None else f"{k.arg}={ast.unparse(k.value)}"
-                for k in call.keywords]
+                for k in call.keywords if k.arg not in GRADING_KEYWORDS]
     return ", ".join([ast.unparse(a) for a in call.args] + keywords)
 
 
-def check_calls(nb: nbformat.NotebookNode) -> tuple[CheckCall, ...]:
+def _grading_options(call: ast.Call, where: str) -> dict:
+    """``points`` (a number >= 0) and ``all_or_nothing`` (True/False or an exercise's name) of a
+    check call, checked."""
+    options = {}
+    for keyword in call.keywords:
+        if keyword.arg not in GRADING_KEYWORDS:
+            continue
+        try:
+            value = ast.literal_eval(keyword.value)
+        except ValueError:
+            value = ast.unparse(keyword.value)
+        if keyword.arg == "points":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                    or value in (float("inf"), float("-inf")):
+                raise ValueError(f"{where}: points={ast.unparse(keyword.value)}: expected a number "
+                                 f"written in the call (e.g. points=2), got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{where}: points={value}: points must not be negative")
+        elif not (isinstance(value, bool) or (isinstance(value, str) and value.strip())):
+            raise ValueError(f"{where}: all_or_nothing={ast.unparse(keyword.value)}: expected True, False "
+                             f"or the name of an exercise (a string)")
+        options[keyword.arg] = value
+    return options
+
+
+def check_calls(nb: nbformat.NotebookNode, where: str = "notebook", strict: bool = True) -> tuple[CheckCall, ...]:
     """Every distinct ``check_*(...)`` call in the code cells, in order (IPython magics are
-    translated first; a cell that is not valid Python is skipped)."""
+    translated first; a cell that is not valid Python is skipped). A lesson's calls (``strict``)
+    carry their ``points=`` and ``all_or_nothing=`` and are hidden in a ``hidden-check`` cell; a
+    bad value raises ``ValueError`` naming ``where``, the cell and the line. A submission's own
+    calls (``strict=False``) are read without them: a student does not set points."""
     from IPython.core.inputtransformer2 import TransformerManager
     transformer, calls = TransformerManager(), []
-    for cell in nb.cells:
+    for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         try:
             tree = ast.parse(transformer.transform_cell(cell.source))
         except (SyntaxError, ValueError):
             continue
+        hidden = strict and HIDDEN_TAG in cell.get("metadata", {}).get("tags", [])
         found = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and _check_name(node.func)]
         found.sort(key=lambda node: (node.lineno, node.col_offset))
-        calls += [CheckCall(_check_name(node.func), _arguments_source(node)) for node in found]
+        for node in found:
+            options = _grading_options(node, f"{where}, cell {index + 1}, line {node.lineno}") if strict else {}
+            calls.append(CheckCall(_check_name(node.func), _arguments_source(node), hidden=hidden, **options))
     return tuple(dict.fromkeys(calls))
 
 
-def load_lessons(path: Path) -> dict[str, Lesson]:
-    """``{name: Lesson}`` for a lesson notebook or every notebook in a folder."""
+def lesson_calls(nb: nbformat.NotebookNode, where: str = "notebook") -> tuple[CheckCall, ...]:
+    """A lesson's check calls, checked: every hidden check needs a visible call of the same check
+    (the exercise students see), and a ``hidden-check`` cell must call a check."""
+    calls = check_calls(nb, where)
+    visible = {call.check for call in calls if not call.hidden}
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or HIDDEN_TAG not in cell.get("metadata", {}).get("tags", []):
+            continue
+        cell_calls = check_calls(nbformat.v4.new_notebook(cells=[cell]), where)
+        if not cell_calls:
+            raise ValueError(f"{where}, cell {index + 1}: tagged {HIDDEN_TAG!r} but calls no check_*")
+        for call in cell_calls:
+            if call.check not in visible:
+                raise ValueError(f"{where}, {_hidden_call_where(nb, call.check)}: hidden check {call.check} "
+                                 f"has no visible counterpart: the lesson must also call {call.check} in a "
+                                 f"cell students see")
+    return calls
+
+
+def _hidden_call_where(nb, check: str) -> str:
+    """``cell N, line L`` of the first hidden call of ``check`` (for error messages)."""
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code" and HIDDEN_TAG in cell.get("metadata", {}).get("tags", []):
+            for number, text in enumerate(cell.source.split("\n"), start=1):
+                if check in text:
+                    return f"cell {index + 1}, line {number}"
+    return "a hidden-check cell"
+
+
+def _notebook_files(path: Path) -> list[Path]:
     path = Path(path)
-    files = sorted(path.glob("*.ipynb")) if path.is_dir() else [path]
-    return {file.stem: Lesson(file.stem, check_calls(nbformat.read(file, as_version=4)))
-            for file in files}
+    return sorted(path.glob("*.ipynb")) if path.is_dir() else [path]
+
+
+def _read_lesson(file: Path) -> nbformat.NotebookNode:
+    try:
+        return nbformat.read(file, as_version=4)
+    except (ValueError, UnicodeDecodeError) as err:  # not JSON, not a notebook
+        raise ValueError(f"{file}: not a lesson notebook ({str(err).splitlines()[0][:200]})") from None
+
+
+def load_lessons(path: Path, hidden: Path | None = None) -> dict[str, Lesson]:
+    """``{name: Lesson}`` for a lesson notebook or every notebook in a folder; ``hidden``: a
+    notebook or folder whose ``hidden-check`` cells add hidden checks to the lessons of the same
+    name (the instructor's solutions, when ``path`` holds the student notebooks). ``ValueError``
+    naming file, cell and line for bad points or a hidden check without a visible counterpart."""
+    lessons = {file.stem: Lesson(file.stem, lesson_calls(_read_lesson(file), str(file)))
+               for file in _notebook_files(path)}
+    for file in _notebook_files(hidden) if hidden is not None else ():
+        if file.stem not in lessons:
+            raise ValueError(f"{file}: hidden checks for lesson {file.stem}, which is not among the "
+                             f"lessons ({path})")
+        nb = _read_lesson(file)
+        extra = tuple(call for call in check_calls(nb, str(file)) if call.hidden)
+        lesson = lessons[file.stem]
+        visible = {call.check for call in lesson.visible}
+        for call in extra:
+            if call.check not in visible:
+                raise ValueError(f"{file}, {_hidden_call_where(nb, call.check)}: hidden check {call.check} "
+                                 f"has no visible counterpart in "
+                                 f"{path if Path(path).is_file() else Path(path) / (file.stem + '.ipynb')}")
+        lessons[file.stem] = Lesson(lesson.name, tuple(dict.fromkeys(lesson.calls + extra)))
+    return lessons
 
 
 def default_lessons() -> Path | None:
@@ -583,9 +713,11 @@ class Row:
     sha256: str = ""
     status: str = OK
     error: str = ""
-    results: dict = field(default_factory=dict)  # check -> (passed, hint)
+    results: dict = field(default_factory=dict)  # check -> (passed, hint), the visible calls
     seconds: float = 0.0
     executed: nbformat.NotebookNode | None = None
+    verdicts: list = field(default_factory=list)  # one per call of the lesson (hidden ones included)
+    notes: list = field(default_factory=list)  # late, duplicate: reported, never silently merged
 
     @property
     def passed(self) -> int:
@@ -593,7 +725,34 @@ class Row:
 
     @property
     def total(self) -> int | None:
-        return len(self.lesson.checks) if self.lesson else None
+        return len({call.check for call in self.lesson.visible}) if self.lesson else None
+
+    def call_points(self) -> list[tuple[CheckCall, bool | None, float]]:
+        """``(call, passed, points earned)`` per call of the lesson; ``passed`` is None for a call
+        that never ran. An all-or-nothing exercise (:meth:`Lesson.exercises`, hidden calls
+        included) earns its points only when all its calls pass."""
+        if not self.lesson:
+            return []
+        count = len(self.lesson.calls)
+        passed = [bool(v["passed"]) for v in self.verdicts[:count]] + [None] * (count - len(self.verdicts))
+        exercise = self.lesson.exercises()
+        failed = {exercise.get(call.check) for call, ok in zip(self.lesson.calls, passed) if not ok} - {None}
+        return [(call, ok, call.points if ok and exercise.get(call.check) not in failed else 0)
+                for call, ok in zip(self.lesson.calls, passed)]
+
+    @property
+    def points(self) -> float:
+        return sum(earned for _, _, earned in self.call_points())
+
+    @property
+    def max_points(self) -> float | None:
+        return self.lesson.max_points if self.lesson else None
+
+    @property
+    def hidden_passed(self) -> tuple[int, int]:
+        """``(passed, count)`` of the hidden calls: all a student may learn of them."""
+        hidden = [ok for call, ok, _ in self.call_points() if call.hidden]
+        return sum(bool(ok) for ok in hidden), len(hidden)
 
 
 def _combine(verdicts) -> dict:
@@ -634,7 +793,7 @@ async def _grade_into(row: Row, handed: Handed, lessons, options: Options, conte
         if handed.data is None:
             raise ValueError(handed.problem)
         nb = nbformat.reads(handed.data.decode("utf-8"), as_version=4)
-        own_calls = check_calls(nb)
+        own_calls = check_calls(nb, strict=False)
     except Exception as err:  # not JSON, not a notebook, not UTF-8, too large
         row.lesson = lesson_for(list(submission.names), (), lessons)
         row.status, row.error = INVALID, f"not a valid notebook: {type(err).__name__}: {str(err)[:200]}"
@@ -659,7 +818,8 @@ async def _grade_into(row: Row, handed: Handed, lessons, options: Options, conte
         shutil.rmtree(io_dir, ignore_errors=True)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    row.results = _combine(outcome.verdicts)
+    row.verdicts = outcome.verdicts
+    row.results = _combine(v for v, call in zip(outcome.verdicts, row.lesson.calls) if not call.hidden)
     if options.keep_executed and outcome.executed:
         with contextlib.suppress(Exception):
             row.executed = nbformat.reads(outcome.executed, as_version=4)
@@ -742,14 +902,21 @@ def _run_in_thread(coroutine_function):
 
 
 def grade(paths, *, lessons: Path | None = None, options: Options | None = None,
-          progress: bool = True, log=None) -> list[Row]:
+          progress: bool = True, log=None, hidden: Path | None = None, select=None) -> list[Row]:
     """Grade every notebook in ``paths``; one :class:`Row` per notebook, in a stable order.
-    ``log(message)`` hears the warnings (the sandbox, skipped files, labkit functions left usable)."""
+    ``log(message)`` hears the warnings (the sandbox, skipped files, labkit functions left usable).
+    ``hidden``: the hidden checks' notebooks when ``lessons`` are the student notebooks (see
+    :func:`load_lessons`); ``select(submission, lessons)``: grade only the submissions it accepts
+    (a regrade of one student or lesson)."""
     options = options or Options()
     log = log or (lambda message: print(message, file=sys.stderr))
     lessons_path = lessons or default_lessons()
-    known = load_lessons(lessons_path) if lessons_path else {}
+    if hidden is not None and lessons_path is None:
+        raise ValueError("hidden checks need the lessons they belong to: pass --lessons")
+    known = load_lessons(lessons_path, hidden) if lessons_path else {}
     submissions, skipped = scan(paths)
+    if select is not None:
+        submissions = [submission for submission in submissions if select(submission, known)]
     for path, reason in skipped:
         log(f"skipped {path}: {reason}")
     handed = read_all(submissions, options.max_notebook_mb * 2**20)
@@ -781,7 +948,7 @@ def csv_cell(value) -> str:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: Path):
+def atomic_file(path: Path):
     """Write to a temporary file next to ``path``, then rename it over ``path`` (all or nothing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -799,7 +966,7 @@ def _atomic_file(path: Path):
 
 
 @contextlib.contextmanager
-def _atomic_folder(folder: Path):
+def atomic_folder(folder: Path):
     """Fill a new folder next to ``folder``, then swap it in for the old one."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -818,23 +985,57 @@ def _atomic_folder(folder: Path):
         raise
 
 
-def write_gradebook(rows: list[Row], out: Path) -> None:
+def format_points(value: float) -> str:
+    """``2`` for 2.0, ``1.5`` for 1.5: points as an instructor wrote them."""
+    return f"{value:g}"
+
+
+def score_text(row: Row) -> str:
+    """The row's score, points / maximum, with three decimals (empty without a lesson or points)."""
+    return f"{row.points / row.max_points:.3f}" if row.max_points else ""
+
+
+def gradebook_table(rows: list[Row]) -> tuple[list[str], list[dict]]:
+    """The gradebook's columns and one dict of cells per row: the visible checks (pass, fail or
+    empty), ``hidden_passed``/``hidden_total``, the points each check earned (its hidden calls
+    included), ``passed``/``total`` visible checks, ``points``/``max_points`` and the ``score``."""
     checks = list(dict.fromkeys(c for row in rows if row.lesson for c in row.lesson.checks))
-    columns = ["student", "lesson", "notebook", "sha256", *checks,
-               "passed", "total", "score", "status", "error", "seconds"]
-    with _atomic_file(out) as file:
-        writer = csv.DictWriter(file, columns)
+    hidden = any(row.lesson and row.lesson.hidden for row in rows)
+    columns = ["student", "lesson", "notebook", "sha256", *checks, *(["hidden_passed", "hidden_total"] if hidden else []),
+               *(f"points: {check}" for check in checks),
+               "passed", "total", "points", "max_points", "score", "status", "error", "notes", "seconds"]
+    table = []
+    for row in rows:
+        total, earned = row.total, {}
+        for call, _, points in row.call_points():
+            earned[call.check] = earned.get(call.check, 0) + points
+        cells = {
+            "student": row.student, "lesson": row.lesson.name if row.lesson else "",
+            "notebook": row.notebook, "sha256": row.sha256, "passed": row.passed,
+            "total": "" if total is None else total,
+            "points": format_points(row.points) if row.lesson else "",
+            "max_points": format_points(row.max_points) if row.lesson else "",
+            "score": score_text(row), "status": row.status, "error": row.error,
+            "notes": "; ".join(row.notes), "seconds": f"{row.seconds:.1f}",
+            **{check: ("pass" if row.results[check][0] else "fail") if check in row.results else ""
+               for check in checks},
+            **{f"points: {check}": format_points(points) for check, points in earned.items()}}
+        if hidden and row.lesson and row.lesson.hidden:
+            cells["hidden_passed"], cells["hidden_total"] = row.hidden_passed
+        table.append({key: csv_cell(value) for key, value in cells.items()})
+    return columns, table
+
+
+def write_table(columns: list[str], table: list[dict], out: Path) -> None:
+    """A CSV of ``table`` (dicts of cells already escaped), written atomically."""
+    with atomic_file(out) as file:
+        writer = csv.DictWriter(file, columns, restval="", extrasaction="ignore")
         writer.writeheader()
-        for row in rows:
-            total = row.total
-            writer.writerow({key: csv_cell(value) for key, value in {
-                "student": row.student, "lesson": row.lesson.name if row.lesson else "",
-                "notebook": row.notebook, "sha256": row.sha256, "passed": row.passed,
-                "total": "" if total is None else total,
-                "score": f"{row.passed / total:.3f}" if total else "", "status": row.status,
-                "error": row.error, "seconds": f"{row.seconds:.1f}",
-                **{check: ("pass" if row.results[check][0] else "fail") if check in row.results else ""
-                   for check in checks}}.items()})
+        writer.writerows(table)
+
+
+def write_gradebook(rows: list[Row], out: Path) -> None:
+    write_table(*gradebook_table(rows), out)
 
 
 def _file_names(rows: list[Row]) -> list[str]:
@@ -855,8 +1056,13 @@ def summary_markdown(row: Row) -> str:
     total = row.total
     lines = [f"# {row.student}" + (f" — {row.lesson.name}" if row.lesson and row.lesson.name else ""), "",
              f"- notebook: `{row.notebook}` (sha256 `{row.sha256}`)",
-             f"- score: {row.passed}/{total}" + (f" ({row.passed / total:.0%})" if total else ""),
-             f"- status: {row.status}" + (f" — {row.error}" if row.error else ""), ""]
+             f"- score: {format_points(row.points)}/{format_points(row.max_points or 0)} points"
+             + (f" ({row.points / row.max_points:.0%})" if row.max_points else ""),
+             f"- checks passed: {row.passed}/{total}",
+             f"- status: {row.status}" + (f" — {row.error}" if row.error else ""),
+             *([f"- notes: {'; '.join(row.notes)}"] if row.notes else []), ""]
+    if row.lesson and row.lesson.hidden:
+        lines[-1:-1] = ["- hidden checks passed: {}/{}".format(*row.hidden_passed)]
     if row.lesson and row.lesson.checks:
         lines += ["| check | result | hint |", "|---|---|---|"]
         for check in row.lesson.checks:
@@ -869,14 +1075,27 @@ def summary_markdown(row: Row) -> str:
 
 
 
-def write_summaries(rows: list[Row], folder: Path) -> None:
-    with _atomic_folder(folder) as temporary:
+def write_summaries(rows: list[Row], folder: Path, into_existing: bool = False) -> None:
+    """One page per row, the folder written whole; a regrade (``into_existing``) replaces only
+    its rows' pages in the folder, each atomically."""
+    if into_existing and Path(folder).is_dir():
+        for row, name in zip(rows, _file_names(rows)):
+            with atomic_file(Path(folder) / f"{name}.md") as file:
+                file.write(summary_markdown(row))
+        return
+    with atomic_folder(folder) as temporary:
         for row, name in zip(rows, _file_names(rows)):
             (temporary / f"{name}.md").write_text(summary_markdown(row), encoding="utf-8")
 
 
-def write_executed(rows: list[Row], folder: Path) -> None:
-    with _atomic_folder(folder) as temporary:
+def write_executed(rows: list[Row], folder: Path, into_existing: bool = False) -> None:
+    if into_existing and Path(folder).is_dir():
+        for row, name in zip(rows, _file_names(rows)):
+            if row.executed is not None:
+                with atomic_file(Path(folder) / f"{name}.ipynb") as file:
+                    file.write(nbformat.writes(row.executed))
+        return
+    with atomic_folder(folder) as temporary:
         for row, name in zip(rows, _file_names(rows)):
             if row.executed is not None:
                 nbformat.write(row.executed, temporary / f"{name}.ipynb")
@@ -890,9 +1109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labkit.grade", description=(
         "Run each submitted notebook in its own sandbox and judge its functions outside it; "
         "collect the results into a gradebook."))
-    parser.add_argument("submissions", nargs="+", type=Path,
+    parser.add_argument("submissions", nargs="*", type=Path,
                         help=".ipynb files or folders of them (searched recursively)")
-    parser.add_argument("--out", type=Path, required=True, help="the gradebook to write (CSV)")
+    parser.add_argument("--out", type=Path, help="the gradebook to write (CSV); needed with submissions")
     parser.add_argument("--lessons", type=Path, help="a lesson notebook or a folder of them, whose check "
                         "calls define the checks (default: ./solutions or the one next to labkit; the "
                         "student notebooks serve as well)")
@@ -922,7 +1141,50 @@ def main(argv: list[str] | None = None) -> int:
                         help="also write one Markdown page per submission with its hints here")
     parser.add_argument("--executed", type=Path, help="also keep the executed notebooks here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    course = parser.add_argument_group("running a course (labkit.gradebook)")
+    course.add_argument("--hidden", type=Path, help="a notebook or folder whose hidden-check cells add hidden "
+                        "checks to the lessons of the same name (the solutions, when --lessons are the "
+                        "student notebooks)")
+    course.add_argument("--only-student", action="append", metavar="NAME",
+                        help="regrade: only this student's submissions (repeatable), merged into --out")
+    course.add_argument("--only-lesson", metavar="NN", help="regrade: only this lesson (number or name), "
+                        "merged into --out; with --gradescope: the one lesson of the autograder")
+    course.add_argument("--deadline", metavar="WHEN", help="a submission modified after this time "
+                        "(2026-12-04T23:59, local, or with +01:00) is noted late")
+    course.add_argument("--canvas", type=Path, metavar="FILE", help="Canvas's gradebook import (needs --roster)")
+    course.add_argument("--roster", type=Path, metavar="CSV", help="the students (Canvas's gradebook export, or "
+                        "a CSV with Student and ID) to match submission names to")
+    course.add_argument("--gradescope", type=Path, metavar="DIR", help="write a Gradescope autograder "
+                        "(setup.sh, run_autograder, labkit, the lessons) to this new folder")
+    course.add_argument("--feedback", type=Path, metavar="DIR", help="one HTML page per student and lesson: "
+                        "score, each check with its hint, hidden checks as a count")
     args = parser.parse_args(argv)
+    from . import gradebook
+    regrade = bool(args.only_student or args.only_lesson)
+    if bool(args.canvas) != bool(args.roster):
+        parser.error("--canvas and --roster go together: the roster maps submission names to students")
+    if args.gradescope and args.gradescope.exists():
+        parser.error(f"--gradescope {args.gradescope}: the folder exists; remove it or name a new one")
+    if args.feedback and args.feedback.exists() and not regrade:
+        parser.error(f"--feedback {args.feedback}: the folder exists; remove it or name a new one "
+                     f"(a regrade with --only-student/--only-lesson updates its pages in place)")
+    if args.submissions and not args.out:
+        parser.error("--out is needed: the gradebook to write")
+    if not args.submissions and not args.gradescope:
+        parser.error("give the submissions (.ipynb files or folders), or --gradescope DIR")
+    try:
+        deadline = gradebook.parse_deadline(args.deadline) if args.deadline else None
+        roster = gradebook.read_roster(args.roster) if args.roster else None
+        lessons_path = args.lessons or default_lessons()
+        if args.hidden and not args.hidden.exists():
+            raise ValueError(f"--hidden {args.hidden}: no such notebook or folder")
+        known = load_lessons(lessons_path, args.hidden) if lessons_path and (
+            args.lessons or args.hidden or regrade or args.gradescope) else None
+        only_lesson = gradebook.resolve_lesson(args.only_lesson, known) if args.only_lesson else None
+        if regrade and args.out and args.out.exists():
+            gradebook.read_gradebook(args.out)  # the gradebook a regrade merges into, before any grading
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     if args.jobs < 1 or args.timeout < 1 or args.memory < 0 or args.max_output < 1 or args.pids < 16 \
             or args.tmpfs < 1 or args.max_notebook < 1:
         parser.error("--jobs, --timeout, --max-output, --tmpfs and --max-notebook must be at least 1, "
@@ -932,7 +1194,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.lessons and default_lessons() is None:
         print("warning: no lesson notebooks found (--lessons): each submission is graded on the checks "
               "it calls itself, so deleting a check call goes unnoticed", file=sys.stderr)
-    outputs = [p.resolve() for p in (args.out, args.summary, args.executed) if p]
+    if args.gradescope:
+        chosen = {name: lesson for name, lesson in (known or {}).items() if only_lesson in (None, name)}
+        if not chosen:
+            parser.error("--gradescope needs lesson notebooks (--lessons)")
+        gradebook.write_gradescope(args.gradescope, chosen, lessons_path, {
+            "timeout": args.timeout, "memory_mb": args.memory, "max_output_kb": args.max_output, "jobs": 1,
+            "sandbox": args.sandbox, "pids": args.pids, "tmpfs_mb": args.tmpfs,
+            "max_notebook_mb": args.max_notebook, "cgroups": not args.no_cgroups})
+        print(f"wrote the Gradescope autograder to {args.gradescope} (lessons: {', '.join(chosen)}); "
+              f"zip its contents and upload them", file=sys.stderr)
+        if not args.submissions:
+            return 0
+    outputs = [p.resolve() for p in (args.out, args.summary, args.executed, args.canvas, args.feedback) if p]
     for given in args.submissions:
         if any(o == given.resolve() or given.resolve() in o.parents for o in outputs):
             parser.error(f"the outputs must not be inside the submissions ({given})")
@@ -942,23 +1216,38 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a hub's culler: stop every sandbox too
     started = time.monotonic()
     try:
-        rows = grade(args.submissions, lessons=args.lessons, options=options, progress=not args.no_progress)
-    except FileNotFoundError as err:
-        parser.error(str(err))
-    except RuntimeError as err:
+        rows = grade(args.submissions, lessons=args.lessons, options=options, progress=not args.no_progress,
+                     hidden=args.hidden, select=gradebook.selector(args.only_student, only_lesson) if regrade else None)
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
         parser.error(str(err))
     except KeyboardInterrupt:
         print(f"interrupted: every sandbox was stopped; nothing was written, {args.out} is as it was",
               file=sys.stderr)
         return 130
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if only_lesson:
+        rows = [row for row in rows if row.lesson and row.lesson.name == only_lesson]
     if not rows:
-        parser.error("no .ipynb files in " + ", ".join(map(str, args.submissions)))
+        parser.error("no .ipynb files in " + ", ".join(map(str, args.submissions))
+                     + (" for --only-student/--only-lesson" if regrade else ""))
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    for row in rows if regrade else ():
+        row.notes.append(f"regraded {stamp}")
+    gradebook.mark(rows, deadline, log)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the files are written now; a few ms, then done
-    write_gradebook(rows, args.out)
+    if regrade:
+        gradebook.merge_gradebook(rows, args.out, log)
+    else:
+        write_gradebook(rows, args.out)
     if args.summary:
-        write_summaries(rows, args.summary)
+        write_summaries(rows, args.summary, into_existing=regrade)
     if args.executed:
-        write_executed(rows, args.executed)
+        write_executed(rows, args.executed, into_existing=regrade)
+    if args.feedback:
+        gradebook.write_feedback(rows, args.feedback, into_existing=regrade)
+    if args.canvas:
+        # the whole class from the gradebook just written, after a regrade too
+        gradebook.write_canvas(gradebook.read_gradebook(args.out)[1], roster, args.canvas, log)
     counts = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1

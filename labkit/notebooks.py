@@ -6,7 +6,10 @@ generated from it and never edited by hand. Generating a student notebook
 - replaces the code between nbgrader's markers ``### BEGIN SOLUTION`` and ``### END SOLUTION``
   by one line ``raise NotImplementedError("...")`` at the indentation of the BEGIN marker; a
   ``### HINT: ...`` comment inside the block becomes the message (several are joined);
-- removes cells tagged ``solution-only`` (cell metadata ``tags``), e.g. answers to questions;
+- removes cells tagged ``solution-only`` (cell metadata ``tags``), e.g. answers to questions,
+  and cells tagged ``hidden-check``: check calls only the grader runs (``labkit.grade``; a hidden
+  check needs a visible call of the same check, and ``points=`` values must be numbers >= 0, or
+  ``build`` stops naming the cell and line);
 - clears outputs, execution counts, execution timings and saved widget state;
 - inserts a setup cell after the title that installs labkit where the kernel cannot import it
   (Colab, a fresh environment) and does nothing elsewhere: from a ``labkit-*.whl`` or
@@ -30,9 +33,12 @@ versions carry the same cell metadata, written where a solution cell has none of
 
 - the setup cell: read-only (locked), ``grade_id`` ``labkit_setup``;
 - a code cell with a solution block: a solution cell, ``grade_id`` ``solution_<function>``;
-- a code cell that calls checks: a locked test cell worth one point per check, ``grade_id``
-  the check's name (``check_gradient``); a name taken already gets ``_2``, ``_3``, ...;
-- ``solution-only`` cells are left out of both, so nbgrader never sees them.
+- a code cell that calls checks: a locked test cell worth its calls' points (``points=`` in
+  the call, 1 by default), ``grade_id`` the check's name (``check_gradient``); a name taken
+  already gets ``_2``, ``_3``, ...;
+- ``solution-only`` cells are left out of both, so nbgrader never sees them; ``hidden-check``
+  cells are left out of the student version and kept in the source version inside nbgrader's
+  ``### BEGIN HIDDEN TESTS`` / ``### END HIDDEN TESTS``, which nbgrader strips on release.
 
 A cell whose solution notebook sets ``metadata.nbgrader`` keeps that metadata as it is (e.g.
 other points). Wrong metadata fails ``build`` and ``check``: a solution block outside a solution
@@ -64,6 +70,8 @@ BEGIN_SOLUTION = "### BEGIN SOLUTION"
 END_SOLUTION = "### END SOLUTION"
 HINT = "### HINT:"
 SOLUTION_ONLY = "solution-only"
+BEGIN_HIDDEN_TESTS = "### BEGIN HIDDEN TESTS"  # nbgrader's markers for tests it releases without
+END_HIDDEN_TESTS = "### END HIDDEN TESTS"
 DEFAULT_MESSAGE = "replace this line with your code"
 NBGRADER_SCHEMA = 3  # nbgrader 0.6 and later
 
@@ -143,15 +151,24 @@ def _cell_name(name: str, index: int, cell) -> str:
     return f"{name}, cell {index}" + (f" (id {cell.id})" if cell.get("id") else "")
 
 
-def _lesson(solution: nbformat.NotebookNode, name: str, rewrite: Callable[[str, str], str]):
+def _lesson(solution: nbformat.NotebookNode, name: str, rewrite: Callable[[str, str], str],
+            keep_hidden: bool = False):
     """What the student and the nbgrader versions share: no ``solution-only`` cells, no outputs,
     the setup cell, nbgrader metadata on every solution, check and setup cell; ``rewrite(source,
-    where)`` turns each code cell's solution blocks into that version's form."""
+    where)`` turns each code cell's solution blocks into that version's form. ``hidden-check``
+    cells are left out, or (``keep_hidden``, nbgrader's version) kept inside nbgrader's
+    ``### BEGIN HIDDEN TESTS`` markers, which nbgrader removes when it releases the assignment.
+    The lesson's check calls are checked first (points, hidden checks' counterparts)."""
+    from .grade import HIDDEN_TAG, lesson_calls
+    lesson_calls(solution, name)  # ValueError naming cell and line: bad points, a lone hidden check
     nb = copy.deepcopy(solution)
     cells, names = [], []
     for index, cell in enumerate(nb.cells):
-        if SOLUTION_ONLY in cell.get("metadata", {}).get("tags", []):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if SOLUTION_ONLY in tags or (HIDDEN_TAG in tags and not keep_hidden):
             continue
+        if HIDDEN_TAG in tags:
+            cell.source = f"{BEGIN_HIDDEN_TESTS}\n{cell.source.rstrip()}\n{END_HIDDEN_TESTS}"
         where = _cell_name(name, index, cell)
         if cell.cell_type != "code" and BEGIN_SOLUTION in cell.source:
             raise ValueError(f"{where}: solution markers are only allowed in code cells; tag a "
@@ -184,14 +201,18 @@ def nbgrader_source(solution: nbformat.NotebookNode, name: str = "notebook") -> 
     """The version of a solution notebook that ``nbgrader generate_assignment`` takes: the
     student version's cells and metadata, with the solutions in nbgrader's markers and the hints
     as comments above them (a new notebook; the input is untouched)."""
-    return _lesson(solution, name, hints_above_solutions)
+    return _lesson(solution, name, hints_above_solutions, keep_hidden=True)
 
 
 # ---------------------------------------------------------------- nbgrader cell metadata
 
-def _checks_called(cell) -> list[str]:
+def _calls(cell) -> tuple:
     from .grade import check_calls  # the grader's reading of a check call, in one place
-    return list(dict.fromkeys(call.check for call in check_calls(nbformat.v4.new_notebook(cells=[cell]))))
+    return check_calls(nbformat.v4.new_notebook(cells=[cell]))
+
+
+def _checks_called(cell) -> list[str]:
+    return list(dict.fromkeys(call.check for call in _calls(cell)))
 
 
 def _nbgrader_defaults(cell, setup: bool) -> dict | None:
@@ -207,9 +228,12 @@ def _nbgrader_defaults(cell, setup: bool) -> dict | None:
         defined = [line.split("(")[0][4:].strip() for line in cell.source.split("\n") if line.startswith("def ")]
         fallback = re.sub(r"[^A-Za-z0-9_\-]", "_", cell.get("id") or "cell")
         return {**base, "solution": True, "grade_id": "solution_" + "_".join(defined or [fallback])}
-    checks = _checks_called(cell)
-    if checks:
-        return {**base, "grade": True, "locked": True, "points": len(checks), "grade_id": "__".join(checks)}
+    calls = _calls(cell)
+    if calls:
+        checks = list(dict.fromkeys(call.check for call in calls))
+        points = sum(call.points for call in calls)
+        return {**base, "grade": True, "locked": True, "points": int(points) if points == int(points) else points,
+                "grade_id": "__".join(checks)}
     return None
 
 

@@ -36,21 +36,40 @@ A student's code runs in the same process as the checks, so these records show w
 said, not a tamper-proof verdict; the grader (``python -m labkit.grade``) decides how far to
 trust them.
 """
+import functools
 import importlib
+import inspect
 import pkgutil
 
 from ._engine import Result, clear_results, raising, results
+
+
+def _grading_keywords_ignored(check):
+    """``check`` that also takes the grader's keywords (``points=``, ``all_or_nothing=``, see
+    ``labkit.grade.GRADING_KEYWORDS``), which a lesson writes in its check calls and which mean
+    nothing in the student's kernel."""
+    @functools.wraps(check)
+    def call(*args, points=None, all_or_nothing=None, **kwargs):
+        return check(*args, **kwargs)
+    signature = inspect.signature(check)
+    call.__signature__ = signature.replace(parameters=[
+        *signature.parameters.values(),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("points", "all_or_nothing"))])
+    return call
+
 
 # every ``lessonNN`` module lists its checks in ``__all__``; a new lesson's checks appear here
 # by adding its module, nothing else
 __all__ = ["results", "clear_results", "Result", "raising"]
 for _lesson in sorted(info.name for info in pkgutil.iter_modules(__path__) if info.name.startswith("lesson")):
     _module = importlib.import_module(f".{_lesson}", __name__)
-    globals().update({name: getattr(_module, name) for name in _module.__all__})
+    globals().update({name: _grading_keywords_ignored(getattr(_module, name)) if name.startswith("check_")
+                      else getattr(_module, name) for name in _module.__all__})
     __all__ += _module.__all__
 
 # the concept questions ("predict before you run"), ``check_qNN_<topic>(answer)``
 from . import _questions  # noqa: E402
 
-globals().update({name: getattr(_questions, name) for name in _questions.__all__ if name.startswith("check_")})
+globals().update({name: _grading_keywords_ignored(getattr(_questions, name))
+                   for name in _questions.__all__ if name.startswith("check_")})
 __all__ += [name for name in _questions.__all__ if name.startswith("check_")]
