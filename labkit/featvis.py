@@ -555,40 +555,52 @@ class TopPatches(NamedTuple):
     labels: torch.Tensor       # k dataset labels
 
 
-def top_patches(model: nn.Module, data, unit: Channel, k: int = 9, batch_size: int = 500,
+def top_patches(model: nn.Module, data, units, k: int = 9, batch_size: int = 500,
                 image_shape=(1, 28, 28), progress: bool = True) -> TopPatches:
-    """The ``k`` dataset patches that excite channel ``unit`` most (Zeiler & Fergus 2014; the
+    """The ``k`` dataset patches that excite a channel most (Zeiler & Fergus 2014; the
     "maximally activating patches" of Dong et al. 2017): for every image the position where the
     channel's map is largest, the ``k`` images where that maximum is largest, and of each the
     square of input pixels that position sees (:func:`receptive_field`; outside the image: 0,
     the zero padding). A channel is one detector slid over the image, so what it responds to is
-    a patch, not a whole image."""
+    a patch, not a whole image.
+
+    ``units``: a :class:`Channel`, or a list of channels of one layer, searched in the same
+    pass (every field then has a leading dimension, one row per channel)."""
     check_model(model)
-    unit = as_unit(unit)
-    if not isinstance(unit, Channel):
-        raise TypeError(f"top_patches needs a Channel(layer, index), got {unit!r}")
+    single = not isinstance(units, list)
+    units = [as_unit(u) for u in ([units] if single else units)]
+    if not units or not all(isinstance(u, Channel) for u in units):
+        raise TypeError(f"top_patches needs a Channel(layer, index) or a list of them, got {units!r}")
+    layer = units[0].layer
+    if any(u.layer != layer for u in units):
+        raise ValueError(f"the channels of one call must belong to one layer, got {sorted({u.layer for u in units})}")
     _check_k(k, _fetcher(data)[0])
-    field = receptive_field(model, unit.layer, image_shape)
+    field = receptive_field(model, layer, image_shape)
     device = model_device(model)
-    best = torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device), \
-        torch.empty(0, dtype=torch.long, device=device)
+    channels = torch.tensor([u.index for u in units], device=device)
+    n = len(units)
+    values = torch.empty(n, 0, device=device)
+    indices, positions = (torch.empty(n, 0, dtype=torch.long, device=device) for _ in range(2))
     with preserved(model), torch.no_grad():
         for idx, images in _image_batches(model, data, batch_size, "top_patches", progress):
-            maps = _site_outputs(model, images, {unit.layer})[unit.layer]
-            unit.value(maps)  # validates the layer's shape and the channel index
-            values, where = maps[:, unit.index].flatten(1).max(dim=1)
-            values, indices, positions = (torch.cat(pair) for pair in zip(best, (values, idx, where)))
-            keep = values.topk(min(k, len(values))).indices
-            best = values[keep], indices[keep], positions[keep]
-    values, indices, flat = best
-    width = maps.shape[-1]
-    rows, columns = flat // width, flat % width
+            maps = _site_outputs(model, images, {layer})[layer]
+            for unit in units:
+                unit.value(maps[:1])  # validates the layer's shape and the channel index
+            strongest, where = maps[:, channels].flatten(2).max(dim=2)  # B x n
+            values = torch.cat([values, strongest.T], dim=1)
+            indices = torch.cat([indices, idx.expand(n, -1)], dim=1)
+            positions = torch.cat([positions, where.T], dim=1)
+            keep = values.topk(min(k, values.shape[1]), dim=1).indices
+            values, indices, positions = (t.gather(1, keep) for t in (values, indices, positions))
+    rows, columns = positions // maps.shape[-1], positions % maps.shape[-1]
     images, labels = _fetch(model, data, indices)
     padded = F.pad(images, (field.size,) * 4)  # zeros: what the convolutions' padding saw
-    patches = torch.stack([padded[n, :, top + field.size:bottom + field.size, left + field.size:right + field.size]
-                           for n, (top, left, bottom, right) in
-                           enumerate(field.box(int(r), int(c)) for r, c in zip(rows, columns))])
-    return TopPatches(patches, indices, values, torch.stack([rows, columns], dim=1), labels)
+    patches = torch.stack([torch.stack([
+        padded[u, j, :, top + field.size:bottom + field.size, left + field.size:right + field.size]
+        for j, (top, left, bottom, right) in enumerate(field.box(int(r), int(c)) for r, c in zip(rows[u], columns[u]))])
+        for u in range(n)])
+    result = TopPatches(patches, indices, values, torch.stack([rows, columns], dim=2), labels)
+    return TopPatches(*(t[0] for t in result)) if single else result
 
 
 def _layer_energy(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:

@@ -103,6 +103,10 @@ def test_top_patches_are_the_strongest_positions_cropped(model, subset):
         t, left, b, right = field.box(r, c)
         torch.testing.assert_close(top.patches[n], padded[index, :, t + 10:b + 10, left + 10:right + 10])
     assert top.patches.shape == (6, 1, 10, 10)
+    several = featvis.top_patches(model, subset, [Channel("conv3", 2), unit], k=6, batch_size=64, progress=False)
+    assert several.patches.shape == (2, 6, 1, 10, 10)
+    for mine, one in zip(several, top):
+        torch.testing.assert_close(mine[1], one)
 
 
 def test_top_patches_wants_a_channel(model, subset):
@@ -110,6 +114,8 @@ def test_top_patches_wants_a_channel(model, subset):
         featvis.top_patches(model, subset, ("neuron", 3), progress=False)
     with pytest.raises(ValueError, match="channels"):
         featvis.top_patches(model, subset, Channel("conv3", 64), progress=False)
+    with pytest.raises(ValueError, match="one layer"):
+        featvis.top_patches(model, subset, [Channel("conv3", 1), Channel("conv2", 1)], progress=False)
     with pytest.raises(ValueError, match="k must be"):
         featvis.top_patches(model, subset, Channel("conv3", 0), k=0, progress=False)
 
