@@ -1,6 +1,6 @@
 """Standard and adversarial training: ``fit(model, train_data, epochs, adversary=None)``.
 
-``python -m labkit.train fmnist-cnn|fmnist-cnn-robust|fmnist-cnn-robust-l2`` reproduces the shipped weights and
+``python -m labkit.train fmnist-cnn|fmnist-cnn-robust|fmnist-cnn-robust-l2|fmnist-cnn-consistent`` reproduces the shipped weights and
 writes their sha256 and model card; ``python -m labkit.train fmnist-mlp-ibp|fmnist-cnn-ibp`` does
 the same for the two models certifiably trained with interval bound propagation (IBP_RECIPES).
 """
