@@ -102,3 +102,16 @@ def test_hints_never_show_reference_values(capsys):
     for wrong, _ in CONSISTENCY_MISTAKES:
         checks.check_consistency(wrong)
     assert_no_reference_values(capsys.readouterr().out)
+
+
+def test_the_grader_judges_the_hook_objective_through_the_sandbox_wall(tmp_path):
+    """The grader rebuilds the check's models from arrays, applies the spec's adapter by name in
+    the kernel and judges value and gradient outside: right passes, detached and hook-leaving fail."""
+    from test_grade_exchange import through_the_kernel
+
+    assert through_the_kernel("check_channel_objective", channel_objective, tmp_path / "a")["passed"]
+    verdict = through_the_kernel("check_channel_objective", objective_variant(detach=True), tmp_path / "b")
+    assert not verdict["passed"] and "gradient" in verdict["hint"]
+    verdict = through_the_kernel("check_channel_objective", objective_variant(reduce="max"), tmp_path / "c")
+    assert not verdict["passed"] and "maximum" in verdict["hint"]
+    assert through_the_kernel("check_consistency", consistency, tmp_path / "d")["passed"]

@@ -55,6 +55,8 @@ def _objective_cases(generator: torch.Generator) -> list[Case]:
 
 
 _adapt = _engine.value_and_gradient
+_DETACHED = ("the values are detached from x (torch.no_grad, .detach() or .item()): gradient ascent "
+             "differentiates them, so keep them on the autograd graph")
 
 
 def _one_per_image(out, ref, case):
@@ -75,6 +77,8 @@ CHANNEL_OBJECTIVE = Spec(
     dims=("batch", "value and gradient"),
     shape_hints=(_one_per_image,),
     mistakes=(
+        # the grader sees only the numbers: detached values come back with a zero gradient
+        Mistake(_DETACHED, _adapt(lambda model, x, layer, channel: channel_objective(model, x, layer, channel).detach())),
         Mistake("average the channel's map over its positions (.mean over height and width), not its "
                 "maximum", _adapt(_objective_variant(lambda out, inp, c: out[:, c].amax(dim=(1, 2))))),
         Mistake("average the channel's map over its positions (.mean), not the sum",
@@ -103,8 +107,7 @@ def check_channel_objective(channel_objective) -> _engine.Result:
 
     def differentiable(out, case):
         if attached and not attached[-1]:
-            return ("the values are detached from x (torch.no_grad, .detach() or .item()): gradient "
-                    "ascent differentiates them, so keep them on the autograd graph")
+            return _DETACHED
         return None
 
     return _engine.run(dataclasses.replace(CHANNEL_OBJECTIVE, requirements=(differentiable,)), run)
