@@ -633,7 +633,6 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, l
     if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
         raise ValueError(f"jitter must be an int >= 0 (pixels), got {jitter!r}")
     resolve_layer(model, layer)
-    size = x.shape[-2:]
     bases = [x.detach()] + [F.interpolate(x.detach(), scale_factor=octave_scale ** -o, mode="bilinear",
                                           align_corners=False, antialias=True).clamp(0, 1)
                             for o in range(1, octaves)]
@@ -648,7 +647,6 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, l
                                    _random_shift(jitter, generator))
                 image = (image + step_size * g / per_sample_norm(g)).clamp(0, 1)
             detail = image - base
-    assert image.shape[-2:] == size
     return image.detach()
 
 
