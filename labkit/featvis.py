@@ -267,10 +267,10 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
 
     ``objective``: a unit (``("class", 3)``, ``Channel("conv3", 5)``, ...) for all images, a
     list with one unit per image, optimized together in one batch, or a function
-    ``objective(model, x) -> B values`` (your own, e.g. one read with a forward hook). ``x0``: the images to start
-    from; default noise, uniform in [0, ``noise``], of ``image_shape`` (one image per unit),
-    drawn with ``generator`` (dim noise: from full-range noise a robust model needs many more
-    steps to draw its classes). Returns the images, in [0, 1], detached.
+    ``objective(model, x) -> B values`` (your own, e.g. one read with a forward hook).
+    ``x0``: the images to start from; default noise, uniform in [0, ``noise``], of
+    ``image_shape`` (one image per unit; one image for a function), drawn with ``generator``
+    (dim noise: from full-range noise a robust model needs many more steps to draw its classes). Returns the images, in [0, 1], detached.
     """
     check_model(model)
     check_positive_int(steps, "steps")
@@ -312,6 +312,9 @@ def _unit_gradient(model: nn.Module, x: torch.Tensor, units, shift: tuple[int, i
         if not isinstance(values, torch.Tensor) or values.shape != (len(x),):
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(f"the objective must return one value per image, shape ({len(x)},), got {shape}")
+        if not values.requires_grad:
+            raise ValueError("the objective's values are detached from the image (torch.no_grad, "
+                             ".detach() or .item()); the ascent differentiates them")
         (grad,) = torch.autograd.grad(values.sum(), x)
     return grad
 

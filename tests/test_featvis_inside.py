@@ -142,6 +142,9 @@ def test_maximize_takes_a_function_as_objective(model):
     assert from_noise.shape == (1, 1, 28, 28)
     with pytest.raises(ValueError, match="one value per image"):
         featvis.maximize(model, lambda m, x: m(x), x0=x0, steps=1, progress=False)
+    with pytest.raises(ValueError, match="detached"):
+        featvis.maximize(model, lambda m, x: hooked(m, x).detach(), x0=x0, steps=1, progress=False)
+    assert_same_state(before, state_of(model))
 
 
 # --- deep dream -------------------------------------------------------------------------------
