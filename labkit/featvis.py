@@ -270,7 +270,8 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
     ``objective(model, x) -> B values`` (your own, e.g. one read with a forward hook).
     ``x0``: the images to start from; default noise, uniform in [0, ``noise``], of
     ``image_shape`` (one image per unit; one image for a function), drawn with ``generator``
-    (dim noise: from full-range noise a robust model needs many more steps to draw its classes). Returns the images, in [0, 1], detached.
+    (dim noise: from full-range noise a robust model needs many more steps to draw its classes).
+    Returns the images, in [0, 1], detached.
     """
     check_model(model)
     check_positive_int(steps, "steps")
