@@ -8,6 +8,10 @@
 - :func:`filters`: the kernels of a convolution, scaled for plotting.
 - :func:`class_transfer`: class visualizations of one model judged by another (Santurkar et al. 2019:
   a robust model's visualizations show features that other models recognise too).
+- :func:`feature_maps`: a layer's output for a batch; :func:`receptive_field`: which input pixels
+  one position of it sees; :func:`top_patches`: the dataset patches that excite a channel most.
+- :func:`deep_dream`: amplify whatever a layer already sees in an image (Mordvintsev et al. 2015).
+- :func:`consistency`: Dong et al.'s consis(n) = p^T A p of a neuron's top-activating images.
 
 A *unit* is :class:`ClassLogit`, :class:`Neuron` or :class:`Channel`, or the same as a tuple:
 ``("class", 3)``, ``("neuron", 17)``, ``("channel", "conv3", 5)``.
@@ -261,11 +265,13 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
     visualization" of robust models, Engstrom et al. 2019), and ``R`` the image priors of
     ``regularization`` (see :class:`Regularization`; ``None``: plain ascent).
 
-    ``objective``: a unit (``("class", 3)``, ``Channel("conv3", 5)``, ...) for all images, or a
-    list with one unit per image, optimized together in one batch. ``x0``: the images to start
-    from; default noise, uniform in [0, ``noise``], of ``image_shape`` (one image per unit),
-    drawn with ``generator`` (dim noise: from full-range noise a robust model needs many more
-    steps to draw its classes). Returns the images, in [0, 1], detached.
+    ``objective``: a unit (``("class", 3)``, ``Channel("conv3", 5)``, ...) for all images, a
+    list with one unit per image, optimized together in one batch, or a function
+    ``objective(model, x) -> B values`` (your own, e.g. one read with a forward hook).
+    ``x0``: the images to start from; default noise, uniform in [0, ``noise``], of
+    ``image_shape`` (one image per unit; one image for a function), drawn with ``generator``
+    (dim noise: from full-range noise a robust model needs many more steps to draw its classes).
+    Returns the images, in [0, 1], detached.
     """
     check_model(model)
     check_positive_int(steps, "steps")
@@ -277,8 +283,12 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
                         f"got {type(regularization).__name__}")
     if x0 is not None:
         check_images(x0, model, "x0")
-    units = _as_units(objective, None if x0 is None else len(x0))
-    start = (_noise_images(model, len(units), image_shape, noise, generator) if x0 is None
+    if callable(objective):
+        units, count = objective, 1 if x0 is None else len(x0)
+    else:
+        units = _as_units(objective, None if x0 is None else len(x0))
+        count = len(units)
+    start = (_noise_images(model, count, image_shape, noise, generator) if x0 is None
              else x0.detach())
     step_size = lr * math.sqrt(start[0].numel())
     x = start
@@ -293,12 +303,20 @@ def maximize(model: nn.Module, objective, x0: torch.Tensor | None = None, steps:
     return x.detach()
 
 
-def _unit_gradient(model: nn.Module, x: torch.Tensor, units: list, shift: tuple[int, int]) -> torch.Tensor:
-    """The gradient of each image's unit value (image ``i`` for ``units[i]``), read on the
-    images rolled by ``shift`` (the jitter prior)."""
+def _unit_gradient(model: nn.Module, x: torch.Tensor, units, shift: tuple[int, int]) -> torch.Tensor:
+    """The gradient of each image's unit value (image ``i`` for ``units[i]``, or a function
+    ``units(model, x) -> B``), read on the images rolled by ``shift`` (the jitter prior)."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        (grad,) = torch.autograd.grad(_unit_values(model, x.roll(shift, dims=(2, 3)), units).sum(), x)
+        shifted = x.roll(shift, dims=(2, 3))
+        values = units(model, shifted) if callable(units) else _unit_values(model, shifted, units)
+        if not isinstance(values, torch.Tensor) or values.shape != (len(x),):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"the objective must return one value per image, shape ({len(x)},), got {shape}")
+        if not values.requires_grad:
+            raise ValueError("the objective's values are detached from the image (torch.no_grad, "
+                             ".detach() or .item()); the ascent differentiates them")
+        (grad,) = torch.autograd.grad(values.sum(), x)
     return grad
 
 
@@ -457,3 +475,212 @@ def filters(model: nn.Module, layer=None) -> torch.Tensor:
     low = weight.flatten(1).amin(dim=1).view(-1, 1, 1, 1)
     high = weight.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
     return (weight - low) / (high - low).clamp_min(1e-12)
+
+
+# --- inside the network: feature maps, receptive fields, patches, deep dream, consistency --------
+
+def feature_maps(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The output of ``layer`` (a dotted name) for the images ``x``, read with a forward hook
+    in one forward pass: ``B x C x H' x W'`` for a convolutional layer, detached."""
+    check_model(model)
+    check_images(x, model)
+    with preserved(model), torch.no_grad():
+        return _site_outputs(model, x, {layer})[layer].detach()
+
+
+class ReceptiveField(NamedTuple):
+    size: int     # R: one output position sees an R x R square of input pixels
+    stride: int   # J: moving one position in the layer moves the square by J pixels
+    padding: int  # P: the square of position (i, j) starts at pixel (i J - P, j J - P)
+
+    def box(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """``(top, left, bottom, right)``, half-open, of the square seen by position ``(i, j)``;
+        it may reach past the image's border (the zero padding)."""
+        top, left = i * self.stride - self.padding, j * self.stride - self.padding
+        return top, left, top + self.size, left + self.size
+
+
+def _pair(value) -> int:
+    """One number of a square kernel, stride or padding (``3`` or ``(3, 3)``)."""
+    values = value if isinstance(value, tuple) else (value, value)
+    if values[0] != values[1]:
+        raise ValueError(f"receptive_field handles square kernels, strides and paddings, got {value!r}")
+    return int(values[0])
+
+
+def receptive_field(model: nn.Module, layer: str, image_shape=(1, 28, 28)) -> ReceptiveField:
+    """The receptive field of one position of ``layer``'s output (Araujo et al. 2019,
+    "Computing Receptive Fields of Convolutional Neural Networks"): with ``k_l, s_l, p_l, d_l``
+    the kernel, stride, padding and dilation of the convolutions and poolings before it,
+
+        R = 1 + sum_l (k_l - 1) d_l J_{l-1},   J = prod_l s_l,   P = sum_l p_l J_{l-1},
+
+    ``J_l`` the product of the strides up to layer ``l`` (``J_0 = 1``). The layers are found in
+    the order one forward pass of an ``image_shape`` image runs them; layers that keep the
+    spatial size (ReLU, batch norm, residual adds) pass through. Padding layers count as ``p``."""
+    check_model(model)
+    target = resolve_layer(model, layer)
+    leaves = [m for m in model.modules() if not list(m.children()) and m is not target] + [target]
+    trace = []
+    with preserved(model), hooks() as handles, torch.no_grad():
+        for module in leaves:
+            handles.append(module.register_forward_hook(
+                lambda module, inputs, output: trace.append((module, inputs[0].shape, output.shape))
+                if isinstance(output, torch.Tensor) and isinstance(inputs[0], torch.Tensor) else None))
+        model(torch.zeros((1, *image_shape), device=model_device(model)))
+    ends = [i for i, (module, _, _) in enumerate(trace) if module is target]
+    if not ends:
+        raise ValueError(f"layer {layer!r} did not run in the forward pass")
+    size, stride, padding = 1, 1, 0
+    for module, before, after in trace[:ends[0] + 1]:
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            kernel, step = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+            dilation = _pair(getattr(module, "dilation", 1))
+            size += (kernel - 1) * dilation * stride
+            padding += _pair(module.padding) * stride
+            stride *= step
+        elif isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d)):
+            left, _, top, _ = module.padding
+            if left != top:
+                raise ValueError(f"receptive_field handles the same padding on top and left, got {module}")
+            padding += left * stride
+        elif len(after) != 4 or len(before) != 4 or after[-2:] != before[-2:]:
+            raise ValueError(f"{type(module).__name__} before {layer!r} changes the spatial size "
+                             f"({tuple(before)} -> {tuple(after)}) in a way receptive_field cannot "
+                             f"follow: its positions see the whole image")
+    return ReceptiveField(size, stride, padding)
+
+
+class TopPatches(NamedTuple):
+    patches: torch.Tensor      # k x C x R x R: the receptive field of the strongest position
+    indices: torch.Tensor      # k dataset indices
+    activations: torch.Tensor  # k values of the channel at that position
+    positions: torch.Tensor    # k x 2: (row, column) of the position in the layer's map
+    labels: torch.Tensor       # k dataset labels
+
+
+def top_patches(model: nn.Module, data, units, k: int = 9, batch_size: int = 500,
+                image_shape=(1, 28, 28), progress: bool = True) -> TopPatches:
+    """The ``k`` dataset patches that excite a channel most (Zeiler & Fergus 2014; the
+    "maximally activating patches" of Dong et al. 2017): for every image the position where the
+    channel's map is largest, the ``k`` images where that maximum is largest, and of each the
+    square of input pixels that position sees (:func:`receptive_field`; outside the image: 0,
+    the zero padding). A channel is one detector slid over the image, so what it responds to is
+    a patch, not a whole image.
+
+    ``units``: a :class:`Channel`, or a list of channels of one layer, searched in the same
+    pass (every field then has a leading dimension, one row per channel)."""
+    check_model(model)
+    single = not isinstance(units, list)
+    units = [as_unit(u) for u in ([units] if single else units)]
+    if not units or not all(isinstance(u, Channel) for u in units):
+        raise TypeError(f"top_patches needs a Channel(layer, index) or a list of them, got {units!r}")
+    layer = units[0].layer
+    if any(u.layer != layer for u in units):
+        raise ValueError(f"the channels of one call must belong to one layer, got {sorted({u.layer for u in units})}")
+    _check_k(k, _fetcher(data)[0])
+    field = receptive_field(model, layer, image_shape)
+    device = model_device(model)
+    channels = torch.tensor([u.index for u in units], device=device)
+    n = len(units)
+    values = torch.empty(n, 0, device=device)
+    indices, positions = (torch.empty(n, 0, dtype=torch.long, device=device) for _ in range(2))
+    with preserved(model), torch.no_grad():
+        for idx, images in _image_batches(model, data, batch_size, "top_patches", progress):
+            maps = _site_outputs(model, images, {layer})[layer]
+            for unit in units:
+                unit.value(maps[:1])  # validates the layer's shape and the channel index
+            strongest, where = maps[:, channels].flatten(2).max(dim=2)  # B x n
+            values = torch.cat([values, strongest.T], dim=1)
+            indices = torch.cat([indices, idx.expand(n, -1)], dim=1)
+            positions = torch.cat([positions, where.T], dim=1)
+            keep = values.topk(min(k, values.shape[1]), dim=1).indices
+            values, indices, positions = (t.gather(1, keep) for t in (values, indices, positions))
+    rows, columns = positions // maps.shape[-1], positions % maps.shape[-1]
+    images, labels = _fetch(model, data, indices)
+    padded = F.pad(images, (field.size,) * 4)  # zeros: what the convolutions' padding saw
+    patches = torch.stack([torch.stack([
+        padded[u, j, :, top + field.size:bottom + field.size, left + field.size:right + field.size]
+        for j, (top, left, bottom, right) in enumerate(field.box(int(r), int(c)) for r, c in zip(rows[u], columns[u]))])
+        for u in range(n)])
+    result = TopPatches(patches, indices, values, torch.stack([rows, columns], dim=2), labels)
+    return TopPatches(*(t[0] for t in result)) if single else result
+
+
+def _layer_energy(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """Mean square of ``layer``'s output per image: what deep dream climbs."""
+    return _site_outputs(model, x, {layer})[layer].flatten(1).pow(2).mean(dim=1)
+
+
+def deep_dream(model: nn.Module, x: torch.Tensor, layer: str, steps: int = 10, lr: float = 0.01,
+               octaves: int = 3, octave_scale: float = 1.4, jitter: int = 2, generator=None,
+               progress: bool = True) -> torch.Tensor:
+    """Deep dream (Mordvintsev, Olah & Tyka 2015, "Inceptionism"): gradient ascent on the
+    image for the energy of a layer, ``E(x) = mean(A_layer(x)^2)``, so that whatever the layer
+    already sees in ``x`` is amplified. The ascent runs at ``octaves`` scales, from the image
+    shrunk by ``octave_scale ** (octaves - 1)`` up to full size; at each scale the details
+    added so far are enlarged and put on the image at that scale, then ``steps`` steps of
+
+        x <- clip_[0,1]( x + lr * sqrt(D) * g / ||g||_2 ),   g = grad_x E(roll(x, jitter)),
+
+    (the same normalized step as :func:`maximize`; the random roll of up to ``jitter``
+    pixels keeps the pattern from locking onto the pixel grid). Returns the dreamed images,
+    the size of ``x``, detached; ``x`` is not changed."""
+    check_model(model)
+    check_images(x, model)
+    check_positive_int(steps, "steps")
+    check_positive_int(octaves, "octaves")
+    if check_number(lr, "lr") <= 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if check_number(octave_scale, "octave_scale") < 1:
+        raise ValueError(f"octave_scale must be >= 1 (how much smaller each octave is), got {octave_scale!r}")
+    if isinstance(jitter, bool) or not isinstance(jitter, int) or jitter < 0:
+        raise ValueError(f"jitter must be an int >= 0 (pixels), got {jitter!r}")
+    resolve_layer(model, layer)
+    bases = [x.detach()] + [F.interpolate(x.detach(), scale_factor=octave_scale ** -o, mode="bilinear",
+                                          align_corners=False, antialias=True).clamp(0, 1)
+                            for o in range(1, octaves)]
+    detail = torch.zeros_like(bases[-1])
+    with preserved(model):
+        for base in tqdm(bases[::-1], desc="deep_dream", disable=not progress, leave=False):
+            detail = F.interpolate(detail, size=base.shape[-2:], mode="bilinear", align_corners=False)
+            image = (base + detail).clamp(0, 1)
+            step_size = lr * math.sqrt(image[0].numel())
+            for _ in range(steps):
+                g = _unit_gradient(model, image, lambda m, z: _layer_energy(m, z, layer),
+                                   _random_shift(jitter, generator))
+                image = (image + step_size * g / per_sample_norm(g)).clamp(0, 1)
+            detail = image - base
+    return image.detach()
+
+
+def consistency(labels: torch.Tensor, num_classes: int, similarity: torch.Tensor | None = None) -> torch.Tensor:
+    """Dong et al.'s consistency of neurons (2017, "Towards Interpretable Deep Neural Networks
+    by Leveraging Adversarial Examples"): for a neuron n, ``p_c = Pr(x shows concept c | x
+    activates n)``, estimated as the fraction of its top-activating images whose concept
+    (here: the true class) is ``c``, and
+
+        consis(n) = p^T A p,   A_ij = similarity of concepts i and j (A_ii = 1),
+
+    1 when all top images show one concept; with ``A = I`` (the default) ``1 / C`` when they
+    spread evenly over ``C`` concepts. ``labels``: ``N x k`` concept indices, the top-``k``
+    images of each of ``N`` neurons; returns ``N`` values. Computed on adversarial images
+    (``consis_adv``), it asks whether a neuron still detects one concept there."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (N x k class indices), got "
+                        f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    check_positive_int(num_classes, "num_classes")
+    if labels.dim() != 2 or labels.shape[1] == 0:
+        raise ValueError(f"labels must be N x k (the top-k images of each of N neurons), got shape {tuple(labels.shape)}")
+    if (labels < 0).any() or (labels >= num_classes).any():
+        raise ValueError(f"labels must be class indices in [0, {num_classes - 1}]")
+    p = F.one_hot(labels, num_classes).float().mean(dim=1)
+    if similarity is None:
+        return p.pow(2).sum(dim=1)
+    if not isinstance(similarity, torch.Tensor) or similarity.shape != (num_classes, num_classes):
+        shape = tuple(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
+        raise ValueError(f"similarity must be a {num_classes} x {num_classes} tensor, got {shape}")
+    if not torch.isfinite(similarity).all() or not torch.equal(similarity, similarity.T):
+        raise ValueError("similarity must be a finite, symmetric matrix (A_ij = A_ji)")
+    similarity = similarity.to(p)
+    return torch.einsum("ni,ij,nj->n", p, similarity, p)

@@ -20,7 +20,7 @@ import functools
 import pytest
 import torch
 
-from labkit import attacks
+from labkit import attacks, featvis
 from labkit import attribution as A
 from labkit.data import fashion_mnist, sample_photos
 from labkit.models import load, randomize
@@ -179,3 +179,16 @@ def test_attacks_on_efficientnet(accelerator, effnet):
     on_cpu, moved = on_both(accelerator, effnet,
                             lambda m, x, y: attacks.pgd(m, x, y, eps=1.0, steps=3, norm="l2"))
     assert_close(on_cpu - effnet[1], moved - effnet[1].to(accelerator), RTOL["effnet-lite0"])
+
+
+# featvis inside the network (lesson 14): the same maps, patches and dreams on the accelerator
+@pytest.mark.parametrize("name, call", [
+    ("feature_maps", lambda m, x, y: featvis.feature_maps(m, x, "relu3")),
+    ("top_patches", lambda m, x, y: featvis.top_patches(
+        m, (x, y), [featvis.Channel("conv4", 1), featvis.Channel("conv4", 2)], k=4, progress=False).patches),
+    ("deep_dream", lambda m, x, y: featvis.deep_dream(m, x[:8], "relu4", steps=2, octaves=2, jitter=1,
+                                                      generator=torch.Generator().manual_seed(0), progress=False)),
+])
+def test_featvis_inside_the_network(accelerator, fashion, name, call):
+    on_cpu, moved = on_both(accelerator, fashion, call)
+    assert_close(on_cpu, moved, RTOL["fmnist-cnn"])

@@ -13,7 +13,7 @@ from labkit.models import FashionCNN
 
 def test_available_names_every_model():
     names = models.available()
-    assert set(names) == {"fmnist-cnn", "fmnist-cnn-robust", "imagenet-effnet-lite0",
+    assert set(names) == {"fmnist-cnn", "fmnist-cnn-robust", "fmnist-cnn-consistent", "imagenet-effnet-lite0",
                           "fmnist-mlp-ibp", "fmnist-cnn-ibp"}
     assert all(isinstance(line, str) and line for line in names.values())
 

@@ -67,3 +67,22 @@ def test_command_line_writes_verifiable_weights(tmp_path):
     model = FashionCNN()
     model.load_state_dict(torch.load(weights, weights_only=True))
     assert "sha256" in result.stdout
+
+
+def test_a_fine_tuning_recipe_starts_from_the_shipped_weights(tmp_path):
+    """fmnist-cnn-consistent: init from fmnist-cnn, Dong et al.'s consistent loss, attacks
+    evaluated on the first eval_limit test images; a smoke run on 64 images."""
+    recipe = RECIPES["fmnist-cnn-consistent"]
+    assert recipe["init"] == "fmnist-cnn" and recipe["eval_limit"] <= 10000
+    result = subprocess.run(
+        [sys.executable, "-m", "labkit.train", "fmnist-cnn-consistent", "--limit", "64",
+         "--out", str(tmp_path), "--device", "cpu"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tuned = torch.load(tmp_path / "fmnist-cnn-consistent.pt", weights_only=True)
+    start = labkit.models.load("fmnist-cnn", "cpu").state_dict()
+    # one epoch of 64 images moves the weights a little from the shipped ones, not from a fresh init
+    changes = [((tuned[k] - start[k]).norm() / start[k].norm()).item() for k in start if start[k].is_floating_point()
+               and start[k].norm() > 0]
+    assert 0 < max(changes) < 0.5
+    assert "clean" in result.stdout and "pgd40" in result.stdout

@@ -667,8 +667,29 @@ def output_and_gradient(function, attached: list | None = None):
     return run
 
 
+def value_and_gradient(function, attached: list | None = None):
+    """``function(model, x, *rest)`` that returns one value per image, kept on the autograd graph
+    (an objective for gradient ascent), run as: ``B x (1 + C*H*W)``, each image's value followed
+    by the gradient of the values' sum with respect to its pixels, so the gradient is compared
+    too. ``attached`` collects whether each output was still attached to ``x``."""
+    @functools.wraps(function)
+    def run(model, x, *rest):
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = function(model, x, *rest)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape[:1]:
+                return out.detach() if isinstance(out, torch.Tensor) else out
+            if attached is not None:
+                attached.append(out.requires_grad)
+            grad = torch.autograd.grad(out.sum(), x, allow_unused=True)[0] if out.requires_grad else None
+        grad = torch.zeros_like(x) if grad is None else grad
+        return torch.cat([out.detach()[:, None], grad.flatten(1)], dim=1)
+    return run
+
+
 # ``Spec.adapter`` names one of these; the sandboxed grader applies it in the sandbox by name
-ADAPTERS = {"pair": stack_pair, "output_and_gradient": output_and_gradient}
+ADAPTERS = {"pair": stack_pair, "output_and_gradient": output_and_gradient,
+            "value_and_gradient": value_and_gradient}
 
 
 _ACCEPT_REFERENCE = False

@@ -179,7 +179,17 @@ QUESTIONS = (
                   "pixel is as unequal as it gets"),
     Question("q12_same_ranking", "b", choices="ab",
              hint="black and grey deletion ask different questions of the model (what an image "
-                  "without the pixel looks like): nothing forces the same order"),)
+                  "without the pixel looks like): nothing forces the same order"),
+    # lesson 14
+    Question("q14_receptive_field", 14, tolerance=0,
+             hints={4: "that is how far the field moves per position (the stride), not how wide it is",
+                    9: "each 3 x 3 convolution adds 2 x (the stride so far) pixels: after the pooling the stride is 2",
+                    12: "each 3 x 3 convolution adds 2 x (the stride so far) pixels, and the 2 x 2 pooling adds 1 x (the stride so far)"},
+             hint="grow the field layer by layer: R <- R + (k - 1) J, then J <- J s; start at R = 1, J = 1"),
+    Question("q14_consis_uniform", 0.1, tolerance=1e-3,
+             hints={1: "1 is a neuron whose top images all show one class; here they are spread evenly",
+                    0: "p^T p is a sum of squares of the ten frequencies: it cannot be 0"},
+             hint="p = (1/10, ..., 1/10) and A = I: p^T A p is the sum of the ten squares"),)
 
 
 def _make_check(question: Question):

@@ -75,6 +75,9 @@ REGISTRY = {
                   FashionCNN, _shipped("fmnist-cnn.pt"), _shipped_sha("fmnist-cnn.pt")),
         ModelInfo("fmnist-cnn-robust", "FashionCNN adversarially trained at L-inf eps = 0.1 on Fashion-MNIST",
                   FashionCNN, _shipped("fmnist-cnn-robust.pt"), _shipped_sha("fmnist-cnn-robust.pt")),
+        ModelInfo("fmnist-cnn-consistent", "FashionCNN fine-tuned from fmnist-cnn with Dong et al.'s "
+                  "consistent loss (FGSM at L-inf eps = 0.1)", FashionCNN, _shipped("fmnist-cnn-consistent.pt"),
+                  _shipped_sha("fmnist-cnn-consistent.pt")),
         ModelInfo("fmnist-mlp-ibp", "FashionMLP (784-256-256-10) certifiably trained with interval bound "
                   "propagation at L-inf eps = 0.1", FashionMLP, _shipped("fmnist-mlp-ibp.pt"),
                   _shipped_sha("fmnist-mlp-ibp.pt")),
