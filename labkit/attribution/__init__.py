@@ -7,8 +7,8 @@ the attributions random and batch-norm would update its statistics), then put ba
 
 Methods that evaluate the model many times (SmoothGrad, integrated gradients, occlusion, the
 deletion / insertion curves) take ``batch_size``, the model evaluations per forward pass, which
-bounds memory. ``None`` sizes it for the device: on a CPU 2**18 input values but at least 2
-images (2 images of 3 x 224 x 224, 334 Fashion-MNIST images), as bigger batches run slower per
+bounds memory. ``None`` sizes it for the device: on a CPU 2**16 input values but at least 2
+images (2 images of 3 x 224 x 224, 83 Fashion-MNIST images), as bigger batches run slower per
 image once activations outgrow the caches; on a GPU 2**22 values (27 images of 3 x 224 x 224,
 about 2.3 GB for EfficientNet-Lite0).
 

@@ -15,14 +15,16 @@ from .._core import check_images, check_model, check_positive_int, check_target,
 
 # With batch_size=None a forward pass gets as many images as hold this many input values. On a
 # CPU big batches are slower per image once activations outgrow the caches, and single images
-# leave some speed unused (measured with one thread: FashionCNN forward 0.58 ms per image in
-# batches of 334, 0.88 ms in 668; EfficientNet-Lite0 forward 19.5 ms per 224 x 224 image alone,
-# 18-19 ms in batches of 2 to 4, forward + backward 59 ms in batches of 1 to 4, 102 ms in 27):
-# 2**18 values but at least 2 images. Accelerators want big batches: 2**22 values, 27 images of
+# leave some speed unused. Measured with one thread (process time, FashionCNN, 1336 images):
+# forward 1.63 s in batches of 668, 1.30 s in 334, 1.22 s in 167, 0.93 s in 83, 0.92 s in 41;
+# forward + backward (640 images) 1.39 s in one batch, 0.99 s in 334, 0.88 s in 80 or 40.
+# EfficientNet-Lite0: forward 19.5 ms per 224 x 224 image alone, 18-19 ms in batches of 2 to 4,
+# forward + backward 59 ms in batches of 1 to 4, 102 ms in 27. Hence 2**16 values (83 images of
+# 28 x 28) but at least 2 images. Accelerators want big batches: 2**22 values, 27 images of
 # 3 x 224 x 224 (EfficientNet-Lite0 then needs about 2.3 GB).
 def default_per_forward(x: torch.Tensor) -> int:
     if x.device.type == "cpu":
-        return max(2, 2**18 // x[0].numel())
+        return max(2, 2**16 // x[0].numel())
     return max(1, 2**22 // x[0].numel())
 
 

@@ -230,13 +230,15 @@ def infidelity(model: nn.Module, x: torch.Tensor, target, attr, n_perturb: int =
 
 def max_sensitivity(method: Callable, model: nn.Module, x: torch.Tensor, target, n_perturb: int = 10,
                     radius: float = 0.02, perturb: Callable | None = None,
-                    generator: torch.Generator | None = None, **method_options) -> torch.Tensor:
+                    generator: torch.Generator | None = None, batch_size: int | None = None,
+                    **method_options) -> torch.Tensor:
     """Max-sensitivity (Yeh et al. 2019): ``max_{|y - x|_inf <= r} |attr(y) - attr(x)| / |attr(x)|``
     (Frobenius norms), estimated over ``n_perturb`` points ``y = clip(x + U(-r, r), 0, 1)`` per
     image: how much the explanation ``method(model, x, target, **method_options)`` changes
     under a change of the input too small to matter. Low is good. ``perturb(xs) -> ys``: your
     own, on the images repeated ``n_perturb`` times each (captum's ``sensitivity_max``
-    convention); a zero map counts as norm 1, as in captum.
+    convention); a zero map counts as norm 1, as in captum. ``batch_size``: images per call of
+    ``method`` (default: labkit's per-forward size).
     """
     if not callable(method):
         raise TypeError(f"method must be an attribution function like gradient, got {type(method).__name__}")
@@ -251,9 +253,10 @@ def max_sensitivity(method: Callable, model: nn.Module, x: torch.Tensor, target,
     else:
         ys = perturb(xs)
     ys = ys.clamp(0, 1)
-    # one call for x and its neighbours: one batched pass instead of two
-    maps = method(model, torch.cat([x.detach(), ys]), torch.cat([target, target.repeat_interleave(n_perturb)]),
-                  **method_options).flatten(1)
+    # x and its neighbours in calls of per_forward images: one huge batch is slower on a CPU
+    images, targets = torch.cat([x.detach(), ys]), torch.cat([target, target.repeat_interleave(n_perturb)])
+    maps = torch.cat([method(model, images[part], targets[part], **method_options).flatten(1)
+                      for part in batches(len(images), per_forward(x, batch_size))])
     original, moved = maps[:len(x)], maps[len(x):]
     norm = original.norm(dim=1)
     norm = torch.where(norm == 0, torch.ones_like(norm), norm)
