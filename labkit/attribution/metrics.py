@@ -237,8 +237,8 @@ def max_sensitivity(method: Callable, model: nn.Module, x: torch.Tensor, target,
     image: how much the explanation ``method(model, x, target, **method_options)`` changes
     under a change of the input too small to matter. Low is good. ``perturb(xs) -> ys``: your
     own, on the images repeated ``n_perturb`` times each (captum's ``sensitivity_max``
-    convention); a zero map counts as norm 1, as in captum. ``batch_size``: images per call of
-    ``method`` (default: labkit's per-forward size).
+    convention); a zero map counts as norm 1, as in captum. ``batch_size``: neighbours per call of
+    ``method`` (default: labkit's per-forward size; a randomized method draws anew per call).
     """
     if not callable(method):
         raise TypeError(f"method must be an attribution function like gradient, got {type(method).__name__}")
@@ -253,11 +253,11 @@ def max_sensitivity(method: Callable, model: nn.Module, x: torch.Tensor, target,
     else:
         ys = perturb(xs)
     ys = ys.clamp(0, 1)
-    # x and its neighbours in calls of per_forward images: one huge batch is slower on a CPU
-    images, targets = torch.cat([x.detach(), ys]), torch.cat([target, target.repeat_interleave(n_perturb)])
-    maps = torch.cat([method(model, images[part], targets[part], **method_options).flatten(1)
-                      for part in batches(len(images), per_forward(x, batch_size))])
-    original, moved = maps[:len(x)], maps[len(x):]
+    original = method(model, x, target, **method_options).flatten(1)
+    # the neighbours in calls of per_forward images: one huge batch is slower on a CPU
+    targets = target.repeat_interleave(n_perturb)
+    moved = torch.cat([method(model, ys[part], targets[part], **method_options).flatten(1)
+                       for part in batches(len(ys), per_forward(x, batch_size))])
     norm = original.norm(dim=1)
     norm = torch.where(norm == 0, torch.ones_like(norm), norm)
     change = (moved - original.repeat_interleave(n_perturb, dim=0)).norm(dim=1).view(-1, n_perturb)
