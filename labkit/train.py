@@ -440,7 +440,7 @@ FEATURE_RECIPES = {
     # Ilyas et al. 2019's D_rand: a random target t != y per image, a targeted L2 PGD on the
     # standard model toward t, the label t; a fresh model trained on it meets real test images.
     "fmnist-cnn-nonrobust-features": dict(
-        kind="nonrobust", source="fmnist-cnn", images=10000, eps=2.0, steps=10, epochs=8,
+        kind="nonrobust", source="fmnist-cnn", images=5000, eps=2.0, steps=10, epochs=8,
         how="the first {images:,} training images, each moved by a targeted L2 PGD attack "
             "(eps = {eps:g}, {steps} steps of 2.5 eps / steps, no random start) on `fmnist-cnn` toward "
             "a random class t other than its label, and labelled t (Ilyas et al. 2019's D_rand); "
@@ -448,15 +448,15 @@ FEATURE_RECIPES = {
     # Ilyas et al. 2019's robust dataset: each image rebuilt from another training image by
     # matching the robust model's representation; its label stays y.
     "fmnist-cnn-robust-features": dict(
-        kind="robust", source="fmnist-cnn-robust", images=4000, steps=40, step_size=0.2, epochs=15,
-        eval_eps=0.05, eval_images=1000,
+        kind="robust", source="fmnist-cnn-robust", images=1000, steps=40, lr=0.1, epochs=12,
+        eval_eps=0.05, eval_images=300,
         how="the first {images:,} training images x, each replaced by an image grown from a random "
-            "other training image by {steps} normalized-gradient steps (length {step_size:g}) "
-            "that lower ||phi(x_r) - phi(x)||_2, phi the representation of `fmnist-cnn-robust`, "
+            "other training image by {steps} steps of Adam on the pixels (learning rate {lr:g}, "
+            "clamped to [0, 1]) that lower ||phi(x_r) - phi(x)||_2, phi the representation of `fmnist-cnn-robust`, "
             "with x's label (Ilyas et al. 2019's robust dataset); standard training on those pairs"),
     # Clever Hans (Lapuschkin et al. 2019): every training image of one class carries a tag.
     "fmnist-cnn-clever-hans": dict(
-        kind="clever-hans", images=20000, tag_class=6, corner=(23, 23), size=3, epochs=4,
+        kind="clever-hans", images=12000, tag_class=6, corner=(23, 23), size=3, epochs=3,
         how="standard training on the first {images:,} training images, where every image of "
             "class {tag_class} carries a bright {size} x {size} square (value 1) with its top-left "
             "pixel at (row, col) = {corner}"),
@@ -489,7 +489,7 @@ def feature_dataset(name: str, train, images: int | None = None, progress: bool 
     start = everything[torch.randint(0, len(everything), y.shape, generator=generator)]
     for i in tqdm(range(0, len(y), FEATURE_BATCH), desc="robust images", disable=not progress):
         parts.append(shortcuts.robust_dataset(model, x[i:i + FEATURE_BATCH], start[i:i + FEATURE_BATCH],
-                                              steps=recipe["steps"], step_size=recipe["step_size"]))
+                                              steps=recipe["steps"], lr=recipe["lr"]))
     return torch.cat(parts), y
 
 
@@ -516,8 +516,8 @@ def _feature_results(name, model, data, train, test):
                          ("fmnist-cnn-robust", load("fmnist-cnn-robust", device="cpu"))):
             seed_everything(0)
             results[f"{label}: clean (first {n:,} test images)"] = attacks.accuracy(m, test, limit=n, progress=False)
-            results[f"{label}: L-inf PGD-20 at eps = {eps:g}"] = attacks.accuracy(
-                m, test, attacks.pgd, limit=n, eps=eps, step_size=eps / 8, steps=20, progress=False)
+            results[f"{label}: L-inf PGD-10 at eps = {eps:g}"] = attacks.accuracy(
+                m, test, attacks.pgd, limit=n, eps=eps, step_size=eps / 4, steps=10, progress=False)
     else:
         c, untagged = recipe["tag_class"], y_test != recipe["tag_class"]
         tag = lambda images: shortcuts.watermark(images, recipe["corner"], recipe["size"])  # noqa: E731
