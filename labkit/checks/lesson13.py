@@ -210,9 +210,10 @@ def _region_variant(magnitude=torch.abs, first_only=False, window=True, centre=F
 
 def _region_cases(generator: torch.Generator):
     """Maps like a Clever Hans model's: in every image a "garment" of strong relevance at a place
-    of its own, in image 0 also one bright pixel; in the other images (an even number) a small
-    square at one and the same place, its sign alternating, so that a signed mean cancels it and
-    image 0 alone does not show it; all on weak noise."""
+    of its own; in every image but image 0 (an even number of them) a small square at one and the
+    same place, its sign alternating, so that a signed mean cancels it and image 0 alone does not
+    show it; in image 1 one pixel brighter than the square, which only a pixel-wise argmax picks;
+    all on weak noise."""
     cases = []
     for batch in (3, 5, 7):
         height, width, size = draw(generator, 14, 20), draw(generator, 14, 20), draw(generator, 2, 4)
@@ -225,7 +226,7 @@ def _region_cases(generator: torch.Generator):
             col = draw(generator, 0, width - size)
         signs = torch.tensor([0.0] + [1.0 if i % 2 else -1.0 for i in range(1, batch)])
         maps[:, row:row + size, col:col + size] += 2.0 * signs.view(-1, 1, 1)
-        maps[0, draw(generator, 0, height - 1), draw(generator, 0, width - 1)] += 4.0 * batch
+        maps[1, draw(generator, 0, height - 1), draw(generator, 0, width - 1)] += 4.0 * batch
         cases.append(Case((maps, size), describe=f"{batch} maps of {height}x{width}, size={size}"))
     return cases
 
