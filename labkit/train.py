@@ -464,29 +464,29 @@ FEATURE_RECIPES = {
 FEATURE_BATCH = 500  # images per attack / reconstruction call: memory stays small
 
 
-def feature_dataset(name: str, train, images: int | None = None, progress: bool = True):
+def feature_dataset(name: str, train, images: int | None = None, progress: bool = True, device="cpu"):
     """The training set of a FEATURE_RECIPES model, made from the first ``images`` (default: the
-    recipe's) of ``train`` (images, labels)."""
+    recipe's) of ``train`` (images, labels), on ``device``."""
     from . import shortcuts
     from .models import load
     recipe = FEATURE_RECIPES[name]
-    x, y = (t[:images or recipe["images"]] for t in as_tensors(train))
+    x, y = (t[:images or recipe["images"]].to(device) for t in as_tensors(train))
     generator = torch.Generator().manual_seed(0)
     if recipe["kind"] == "clever-hans":
         tagged = y == recipe["tag_class"]
         x = x.clone()
         x[tagged] = shortcuts.watermark(x[tagged], recipe["corner"], recipe["size"])
         return x, y
-    model = load(recipe["source"], device="cpu")
+    model = load(recipe["source"], device=device)
     parts = []
     if recipe["kind"] == "nonrobust":
-        target = (y + torch.randint(1, 10, y.shape, generator=generator)) % 10
+        target = (y.cpu() + torch.randint(1, 10, y.shape, generator=generator)).to(device) % 10
         for i in tqdm(range(0, len(y), FEATURE_BATCH), desc="targeted attacks", disable=not progress):
             parts.append(shortcuts.nonrobust_dataset(model, x[i:i + FEATURE_BATCH], target[i:i + FEATURE_BATCH],
                                                      eps=recipe["eps"], steps=recipe["steps"])[0])
         return torch.cat(parts), target
     everything = as_tensors(train)[0]
-    start = everything[torch.randint(0, len(everything), y.shape, generator=generator)]
+    start = everything[torch.randint(0, len(everything), y.shape, generator=generator)].to(device)
     for i in tqdm(range(0, len(y), FEATURE_BATCH), desc="robust images", disable=not progress):
         parts.append(shortcuts.robust_dataset(model, x[i:i + FEATURE_BATCH], start[i:i + FEATURE_BATCH],
                                               steps=recipe["steps"], lr=recipe["lr"]))
@@ -502,30 +502,31 @@ def _feature_results(name, model, data, train, test):
     (x, y), (x_test, y_test) = data, as_tensors(test)
     results = {"test accuracy (real test images)": attacks.accuracy(model, test, progress=False)}
     if recipe["kind"] == "nonrobust":
-        source = load(recipe["source"], device="cpu")
+        source = load(recipe["source"], device=model_device(model))
         with torch.no_grad():
             reached = torch.cat([source(x[i:i + FEATURE_BATCH]).argmax(1) for i in range(0, len(y), FEATURE_BATCH)])
         results[f"training images that {recipe['source']} classifies as their new label"] = (reached == y).float().mean().item()
     elif recipe["kind"] == "robust":
         n, eps = recipe["eval_images"], recipe["eval_eps"]
-        control = FashionCNN()
+        device = model_device(model)
         seed_everything(0)
+        control = FashionCNN().to(device)
         fit(control, (as_tensors(train)[0][:len(y)], y), recipe["epochs"], seed=0, progress=False)
         for label, m in (("this model", model), ("control: the same real images, standard training", control),
-                         ("fmnist-cnn", load("fmnist-cnn", device="cpu")),
-                         ("fmnist-cnn-robust", load("fmnist-cnn-robust", device="cpu"))):
+                         ("fmnist-cnn", load("fmnist-cnn", device=device)),
+                         ("fmnist-cnn-robust", load("fmnist-cnn-robust", device=device))):
             seed_everything(0)
             results[f"{label}: clean (first {n:,} test images)"] = attacks.accuracy(m, test, limit=n, progress=False)
             results[f"{label}: L-inf PGD-10 at eps = {eps:g}"] = attacks.accuracy(
                 m, test, attacks.pgd, limit=n, eps=eps, step_size=eps / 4, steps=10, progress=False)
     else:
+        x_test, y_test = x_test.to(model_device(model)), y_test.to(model_device(model))
         c, untagged = recipe["tag_class"], y_test != recipe["tag_class"]
         tag = lambda images: shortcuts.watermark(images, recipe["corner"], recipe["size"])  # noqa: E731
         as_collected = torch.where((y_test == c).view(-1, 1, 1, 1), tag(x_test), x_test)
-        with torch.no_grad():
-            clean = model(x_test).argmax(1)
-            collected = model(as_collected).argmax(1)
-            pasted = model(tag(x_test[untagged])).argmax(1)
+        with torch.no_grad():  # in parts: 10,000 images at once would hold gigabytes of activations
+            clean, collected, pasted = (torch.cat([model(part).argmax(1) for part in images.split(FEATURE_BATCH)])
+                                        for images in (x_test, as_collected, tag(x_test[untagged])))
         results = {"test accuracy, the class's test images tagged as in training": (collected == y_test).float().mean().item(),
                    "test accuracy, no image tagged": (clean == y_test).float().mean().item(),
                    f"recall of class {c} without the tag": (clean[~untagged] == c).float().mean().item(),
@@ -545,15 +546,16 @@ def _train_features(args, argv):
     recipe = dict(FEATURE_RECIPES[args.name])
     if args.epochs:
         recipe["epochs"] = args.epochs
+    device = torch.device(args.device) if args.device else get_device()
     train, test = fashion_mnist("train"), fashion_mnist("test")
     if args.limit:
         train, test = train.tensors(slice(0, args.limit)), test.tensors(slice(0, args.limit))
         recipe["images"] = min(recipe["images"], args.limit)
     start = time.perf_counter()
-    data = feature_dataset(args.name, train, recipe["images"])
+    data = feature_dataset(args.name, train, recipe["images"], device=device)
     built = time.perf_counter() - start
     seed_everything(0)
-    model = FashionCNN()
+    model = FashionCNN().to(device)
     history = fit(model, data, recipe["epochs"], test_data=test, seed=0)
     seconds = time.perf_counter() - start
     out = WEIGHTS_DIR if args.out is None else pathlib.Path(args.out)
@@ -561,12 +563,12 @@ def _train_features(args, argv):
     results = _feature_results(args.name, model, data, train, test)
     command = ("python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     if args.out is None and not args.limit:
-        _write_feature_card(args.name, recipe, history, results, built, seconds, sha, command)
+        _write_feature_card(args.name, recipe, history, results, built, seconds, sha, command, device)
     print(f"{args.name}: data set {built / 60:.1f} min, total {seconds / 60:.1f} min; "
           + ", ".join(f"{k} {100 * v:.2f} %" for k, v in results.items()) + f"; sha256 {sha}")
 
 
-def _write_feature_card(name, recipe, history, results, built, seconds, sha, command):
+def _write_feature_card(name, recipe, history, results, built, seconds, sha, command, device):
     import platform
     from .models import CARDS_DIR
     curve = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['train_accuracy']:.2f} % | "
@@ -579,7 +581,7 @@ def _write_feature_card(name, recipe, history, results, built, seconds, sha, com
 - **Architecture**: `labkit.models.FashionCNN` (see the `fmnist-cnn` card). Input: 1 x 28 x 28 in [0, 1].
 - **Data**: {recipe['how'].format(**recipe)}. Evaluated on the 10,000 Fashion-MNIST test images.
 - **Training**: Adam, one-cycle learning rate peaking at 2e-3, batch 128, {recipe['epochs']} epochs, seed 0.
-- **Trained on**: cpu ({platform.processor() or platform.machine()}, torch {torch.__version__},
+- **Trained on**: {device} ({platform.processor() or platform.machine()}, torch {torch.__version__},
   {torch.get_num_threads()} threads): data set {built / 60:.1f} minutes, in all {seconds / 60:.1f} minutes.
 - **Weights**: `labkit/models/weights/{name}.pt`, sha256 `{sha}`.
 
