@@ -283,6 +283,8 @@ def main(argv=None):
     parser.add_argument("--device", help="torch device (default: labkit.get_device())")
     parser.add_argument("--out", help="folder for weights and SHA256SUMS (default: labkit's own; "
                                       "any other folder gets no model card)")
+    parser.add_argument("--cache", help="lesson-13 recipes: keep the built data set in this folder and reuse it "
+                                         "(to train again without rebuilding it)")
     parser.add_argument("--limit", type=int, help="train and evaluate on the first N images only "
                                                  "(a smoke test; implies no model card)")
     args = parser.parse_args(argv)
@@ -440,7 +442,7 @@ FEATURE_RECIPES = {
     # Ilyas et al. 2019's D_rand: a random target t != y per image, a targeted L2 PGD on the
     # standard model toward t, the label t; a fresh model trained on it meets real test images.
     "fmnist-cnn-nonrobust-features": dict(
-        kind="nonrobust", source="fmnist-cnn", images=5000, eps=2.0, steps=10, epochs=8,
+        kind="nonrobust", source="fmnist-cnn", images=2500, eps=3.0, steps=10, epochs=20,
         how="the first {images:,} training images, each moved by a targeted L2 PGD attack "
             "(eps = {eps:g}, {steps} steps of 2.5 eps / steps, no random start) on `fmnist-cnn` toward "
             "a random class t other than its label, and labelled t (Ilyas et al. 2019's D_rand); "
@@ -552,7 +554,14 @@ def _train_features(args, argv):
         train, test = train.tensors(slice(0, args.limit)), test.tensors(slice(0, args.limit))
         recipe["images"] = min(recipe["images"], args.limit)
     start = time.perf_counter()
-    data = feature_dataset(args.name, train, recipe["images"], device=device)
+    cache = pathlib.Path(args.cache) / f"{args.name}-data.pt" if args.cache else None
+    if cache is not None and cache.is_file():  # a data set this recipe built before (same settings)
+        data = tuple(t.to(device) for t in torch.load(cache, weights_only=True))
+    else:
+        data = feature_dataset(args.name, train, recipe["images"], device=device)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(tuple(t.cpu() for t in data), cache)
     built = time.perf_counter() - start
     seed_everything(0)
     model = FashionCNN().to(device)
