@@ -184,3 +184,26 @@ def test_answers_that_are_not_one_tensor_are_adapted_in_the_sandbox_as_the_check
     assert through_the_kernel("check_straight_through", quantize_bpda, tmp_path / "c")["passed"]
     verdict = through_the_kernel("check_straight_through", no_gradient, tmp_path / "d")
     assert not verdict["passed"] and "gradient" in verdict["hint"]
+
+
+def test_lesson_13_answers_are_adapted_in_the_sandbox_as_the_check_does(tmp_path):
+    """Lesson 13: a data set comes back as ``(images, labels)`` and a place as ``(row, col)``;
+    the sandbox applies the spec's adapter by name, and a kept label is still caught."""
+    from labkit import attacks
+    from labkit.checks import lesson13
+
+    def nonrobust_batch(model, x, y, target, eps, steps):
+        return attacks.pgd(model, x, target, eps=eps, steps=steps, norm="l2", targeted=True), target
+
+    def labels_kept(model, x, y, target, eps, steps):
+        return nonrobust_batch(model, x, y, target, eps, steps)[0], y
+
+    def suspicious_region(maps, size):
+        return tuple(int(v) for v in lesson13.suspicious_region(maps, size))
+
+    assert through_the_kernel("check_nonrobust_batch", nonrobust_batch, tmp_path / "a")["passed"]
+    verdict = through_the_kernel("check_nonrobust_batch", labels_kept, tmp_path / "b")
+    assert not verdict["passed"] and "target class" in verdict["hint"]
+    assert through_the_kernel("check_suspicious_region", suspicious_region, tmp_path / "c")["passed"]
+    assert not through_the_kernel("check_suspicious_region", lambda m, s: suspicious_region(m, s)[::-1],
+                                  tmp_path / "d")["passed"]
