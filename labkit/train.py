@@ -553,7 +553,7 @@ def _train_features(args, argv):
     if args.limit:
         train, test = train.tensors(slice(0, args.limit)), test.tensors(slice(0, args.limit))
         recipe["images"] = min(recipe["images"], args.limit)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     cache = pathlib.Path(args.cache) / f"{args.name}-data.pt" if args.cache else None
     if cache is not None and cache.is_file():  # a data set this recipe built before (same settings)
         data = tuple(t.to(device) for t in torch.load(cache, weights_only=True))
@@ -566,18 +566,18 @@ def _train_features(args, argv):
     seed_everything(0)
     model = FashionCNN().to(device)
     history = fit(model, data, recipe["epochs"], test_data=test, seed=0)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     out = WEIGHTS_DIR if args.out is None else pathlib.Path(args.out)
     sha = _save_weights(model, out, args.name)
     results = _feature_results(args.name, model, data, train, test)
     command = ("python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     if args.out is None and not args.limit:
-        _write_feature_card(args.name, recipe, history, results, built, seconds, sha, command, device)
-    print(f"{args.name}: data set {built / 60:.1f} min, total {seconds / 60:.1f} min; "
+        _write_feature_card(args.name, recipe, history, results, built, seconds, sha, command, device, cpu)
+    print(f"{args.name}: data set {built / 60:.1f} min, total {seconds / 60:.1f} min ({cpu / 60:.1f} min CPU); "
           + ", ".join(f"{k} {100 * v:.2f} %" for k, v in results.items()) + f"; sha256 {sha}")
 
 
-def _write_feature_card(name, recipe, history, results, built, seconds, sha, command, device):
+def _write_feature_card(name, recipe, history, results, built, seconds, sha, command, device, cpu=None):
     import platform
     from .models import CARDS_DIR
     curve = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['train_accuracy']:.2f} % | "
@@ -591,7 +591,8 @@ def _write_feature_card(name, recipe, history, results, built, seconds, sha, com
 - **Data**: {recipe['how'].format(**recipe)}. Evaluated on the 10,000 Fashion-MNIST test images.
 - **Training**: Adam, one-cycle learning rate peaking at 2e-3, batch 128, {recipe['epochs']} epochs, seed 0.
 - **Trained on**: {device} ({platform.processor() or platform.machine()}, torch {torch.__version__},
-  {torch.get_num_threads()} threads): data set {built / 60:.1f} minutes, in all {seconds / 60:.1f} minutes.
+  {torch.get_num_threads()} threads): data set {built / 60:.1f} minutes, in all {seconds / 60:.1f} minutes
+  of wall time{'' if cpu is None else f' ({cpu / 60:.1f} minutes of CPU time: on a busy machine the wall time is longer)'}.
 - **Weights**: `labkit/models/weights/{name}.pt`, sha256 `{sha}`.
 
 ## What it shows (lesson 13)
