@@ -1,7 +1,8 @@
 """labkit: a Jupyter practicum on interpretability and adversarial examples in PyTorch.
 
 Submodules (``labkit.data``, ``labkit.models``, ``labkit.attribution``, ``labkit.attacks``,
-``labkit.train``, ``labkit.featvis``, ``labkit.plot``, ``labkit.checks``) are imported on first use,
+``labkit.train``, ``labkit.featvis``, ``labkit.plot``, ``labkit.checks``,
+``labkit.shortcuts``) are imported on first use,
 so ``import labkit`` stays fast.
 
 Threads: ``import labkit`` sets torch's CPU thread count to ``$LABKIT_THREADS`` when that is set;
@@ -23,7 +24,7 @@ from ._core import get_device, seed_everything
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "models", "attribution", "attacks", "train", "featvis", "plot", "checks",
-               "notebooks", "grade", "explore")
+               "notebooks", "grade", "explore", "shortcuts")
 
 
 THREADS_ENV = "LABKIT_THREADS"

@@ -2,7 +2,10 @@
 
 ``python -m labkit.train fmnist-cnn|fmnist-cnn-robust|fmnist-cnn-robust-l2|fmnist-cnn-consistent`` reproduces the shipped weights and
 writes their sha256 and model card; ``python -m labkit.train fmnist-mlp-ibp|fmnist-cnn-ibp`` does
-the same for the two models certifiably trained with interval bound propagation (IBP_RECIPES).
+the same for the two models certifiably trained with interval bound propagation (IBP_RECIPES);
+``python -m labkit.train fmnist-cnn-nonrobust-features|fmnist-cnn-robust-features|fmnist-cnn-clever-hans``
+for the models of lesson 13, trained on a data set made from a model or marked with a watermark
+(FEATURE_RECIPES).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from tqdm.auto import tqdm
 from . import attacks
 from ._core import check_positive_int, get_device, hooks, model_device, seed_everything
 from .data import as_tensors
-from .models import classifier_layer
+from .models import FashionCNN, classifier_layer
 
 
 @contextlib.contextmanager
@@ -293,16 +296,20 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="python -m labkit.train",
                                      description="Reproduce labkit's shipped Fashion-MNIST weights and model cards.")
-    parser.add_argument("name", choices=sorted(RECIPES) + sorted(IBP_RECIPES))
+    parser.add_argument("name", choices=sorted(RECIPES) + sorted(IBP_RECIPES) + sorted(FEATURE_RECIPES))
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs (the card says so)")
     parser.add_argument("--device", help="torch device (default: labkit.get_device())")
     parser.add_argument("--out", help="folder for weights and SHA256SUMS (default: labkit's own; "
                                       "any other folder gets no model card)")
+    parser.add_argument("--cache", help="lesson-13 recipes: keep the built data set in this folder and reuse it "
+                                         "(to train again without rebuilding it)")
     parser.add_argument("--limit", type=int, help="train and evaluate on the first N images only "
                                                  "(a smoke test; implies no model card)")
     args = parser.parse_args(argv)
     if args.name in IBP_RECIPES:
         return _train_ibp(args, argv)
+    if args.name in FEATURE_RECIPES:
+        return _train_features(args, argv)
     recipe = dict(RECIPES[args.name])
     if args.epochs:
         recipe["epochs"] = args.epochs
@@ -446,6 +453,186 @@ The loss is the IBP training loss; train accuracy is on the clean minibatches.
 
 Teaching: certified robustness (lesson 11). Small, so IBP bounds stay tight; clean accuracy is
 well below the standard FashionCNN's, the price of certification.
+"""
+    CARDS_DIR.mkdir(exist_ok=True)
+    (CARDS_DIR / f"{name}.md").write_text(card)
+
+
+# --- lesson 13: models trained on a data set made from a model, or on watermarked images ---------
+
+FEATURE_RECIPES = {
+    # Ilyas et al. 2019's D_rand: a random target t != y per image, a targeted L2 PGD on the
+    # standard model toward t, the label t; a fresh model trained on it meets real test images.
+    "fmnist-cnn-nonrobust-features": dict(
+        kind="nonrobust", source="fmnist-cnn", images=2500, eps=3.0, steps=10, epochs=20,
+        how="the first {images:,} training images, each moved by a targeted L2 PGD attack "
+            "(eps = {eps:g}, {steps} steps of 2.5 eps / steps, no random start) on `fmnist-cnn` toward "
+            "a random class t other than its label, and labelled t (Ilyas et al. 2019's D_rand); "
+            "standard training on those {images:,} pairs only"),
+    # Ilyas et al. 2019's robust dataset: each image rebuilt from another training image by
+    # matching the robust model's representation; its label stays y.
+    "fmnist-cnn-robust-features": dict(
+        kind="robust", source="fmnist-cnn-robust", images=1000, steps=40, lr=0.1, epochs=12,
+        eval_eps=0.05, eval_images=300,
+        how="the first {images:,} training images x, each replaced by an image grown from a random "
+            "other training image by {steps} steps of Adam on the pixels (learning rate {lr:g}, "
+            "clamped to [0, 1]) that lower ||phi(x_r) - phi(x)||_2, phi the representation of `fmnist-cnn-robust`, "
+            "with x's label (Ilyas et al. 2019's robust dataset); standard training on those pairs"),
+    # Clever Hans (Lapuschkin et al. 2019): every training image of one class carries a tag.
+    "fmnist-cnn-clever-hans": dict(
+        kind="clever-hans", images=12000, tag_class=6, corner=(23, 23), size=3, epochs=3,
+        how="standard training on the first {images:,} training images, where every image of "
+            "class {tag_class} carries a bright {size} x {size} square (value 1) with its top-left "
+            "pixel at (row, col) = {corner}"),
+}
+FEATURE_BATCH = 500  # images per attack / reconstruction call: memory stays small
+
+
+def feature_dataset(name: str, train, images: int | None = None, progress: bool = True, device="cpu"):
+    """The training set of a FEATURE_RECIPES model, made from the first ``images`` (default: the
+    recipe's) of ``train`` (images, labels), on ``device``."""
+    from . import shortcuts
+    from .models import load
+    recipe = FEATURE_RECIPES[name]
+    x, y = (t[:images or recipe["images"]].to(device) for t in as_tensors(train))
+    generator = torch.Generator().manual_seed(0)
+    if recipe["kind"] == "clever-hans":
+        tagged = y == recipe["tag_class"]
+        x = x.clone()
+        x[tagged] = shortcuts.watermark(x[tagged], recipe["corner"], recipe["size"])
+        return x, y
+    model = load(recipe["source"], device=device)
+    parts = []
+    if recipe["kind"] == "nonrobust":
+        target = (y.cpu() + torch.randint(1, 10, y.shape, generator=generator)).to(device) % 10
+        for i in tqdm(range(0, len(y), FEATURE_BATCH), desc="targeted attacks", disable=not progress):
+            parts.append(shortcuts.nonrobust_dataset(model, x[i:i + FEATURE_BATCH], target[i:i + FEATURE_BATCH],
+                                                     eps=recipe["eps"], steps=recipe["steps"])[0])
+        return torch.cat(parts), target
+    everything = as_tensors(train)[0]
+    start = everything[torch.randint(0, len(everything), y.shape, generator=generator)].to(device)
+    for i in tqdm(range(0, len(y), FEATURE_BATCH), desc="robust images", disable=not progress):
+        parts.append(shortcuts.robust_dataset(model, x[i:i + FEATURE_BATCH], start[i:i + FEATURE_BATCH],
+                                              steps=recipe["steps"], lr=recipe["lr"]))
+    return torch.cat(parts), y
+
+
+def _feature_results(name, model, data, train, test):
+    """The figures of the card, each measured here (for the robust data set also a control: the
+    same real images, their own labels, standard training)."""
+    from . import shortcuts
+    from .models import load
+    recipe = FEATURE_RECIPES[name]
+    (x, y), (x_test, y_test) = data, as_tensors(test)
+    results = {"test accuracy (real test images)": attacks.accuracy(model, test, progress=False)}
+    if recipe["kind"] == "nonrobust":
+        source = load(recipe["source"], device=model_device(model))
+        with torch.no_grad():
+            reached = torch.cat([source(x[i:i + FEATURE_BATCH]).argmax(1) for i in range(0, len(y), FEATURE_BATCH)])
+        results[f"training images that {recipe['source']} classifies as their new label"] = (reached == y).float().mean().item()
+    elif recipe["kind"] == "robust":
+        n, eps = recipe["eval_images"], recipe["eval_eps"]
+        device = model_device(model)
+        seed_everything(0)
+        control = FashionCNN().to(device)
+        fit(control, (as_tensors(train)[0][:len(y)], y), recipe["epochs"], seed=0, progress=False)
+        for label, m in (("this model", model), ("control: the same real images, standard training", control),
+                         ("fmnist-cnn", load("fmnist-cnn", device=device)),
+                         ("fmnist-cnn-robust", load("fmnist-cnn-robust", device=device))):
+            seed_everything(0)
+            results[f"{label}: clean (first {n:,} test images)"] = attacks.accuracy(m, test, limit=n, progress=False)
+            results[f"{label}: L-inf PGD-10 at eps = {eps:g}"] = attacks.accuracy(
+                m, test, attacks.pgd, limit=n, eps=eps, step_size=eps / 4, steps=10, progress=False)
+    else:
+        x_test, y_test = x_test.to(model_device(model)), y_test.to(model_device(model))
+        c, untagged = recipe["tag_class"], y_test != recipe["tag_class"]
+        tag = lambda images: shortcuts.watermark(images, recipe["corner"], recipe["size"])  # noqa: E731
+        as_collected = torch.where((y_test == c).view(-1, 1, 1, 1), tag(x_test), x_test)
+        with torch.no_grad():  # in parts: 10,000 images at once would hold gigabytes of activations
+            clean, collected, pasted = (torch.cat([model(part).argmax(1) for part in images.split(FEATURE_BATCH)])
+                                        for images in (x_test, as_collected, tag(x_test[untagged])))
+        results = {"test accuracy, the class's test images tagged as in training": (collected == y_test).float().mean().item(),
+                   "test accuracy, no image tagged": (clean == y_test).float().mean().item(),
+                   f"recall of class {c} without the tag": (clean[~untagged] == c).float().mean().item(),
+                   f"other classes' test images predicted {c} once tagged": (pasted == c).float().mean().item(),
+                   f"other classes' test images predicted {c} untagged": (clean[untagged] == c).float().mean().item()}
+    return results
+
+
+def _train_features(args, argv):
+    """``python -m labkit.train <FEATURE_RECIPES name>``: build the data set, train a fresh
+    FashionCNN on it (standard training), measure, write weights, sha256 and card."""
+    import pathlib
+    import sys
+    import time
+    from .data import fashion_mnist
+    from .models import WEIGHTS_DIR
+    recipe = dict(FEATURE_RECIPES[args.name])
+    if args.epochs:
+        recipe["epochs"] = args.epochs
+    device = torch.device(args.device) if args.device else get_device()
+    train, test = fashion_mnist("train"), fashion_mnist("test")
+    if args.limit:
+        train, test = train.tensors(slice(0, args.limit)), test.tensors(slice(0, args.limit))
+        recipe["images"] = min(recipe["images"], args.limit)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    cache = pathlib.Path(args.cache) / f"{args.name}-data.pt" if args.cache else None
+    if cache is not None and cache.is_file():  # a data set this recipe built before (same settings)
+        data = tuple(t.to(device) for t in torch.load(cache, weights_only=True))
+    else:
+        data = feature_dataset(args.name, train, recipe["images"], device=device)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(tuple(t.cpu() for t in data), cache)
+    built = time.perf_counter() - start
+    seed_everything(0)
+    model = FashionCNN().to(device)
+    history = fit(model, data, recipe["epochs"], test_data=test, seed=0)
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    out = WEIGHTS_DIR if args.out is None else pathlib.Path(args.out)
+    sha = _save_weights(model, out, args.name)
+    results = _feature_results(args.name, model, data, train, test)
+    command = ("python -m labkit.train " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    if args.out is None and not args.limit:
+        _write_feature_card(args.name, recipe, history, results, built, seconds, sha, command, device, cpu)
+    print(f"{args.name}: data set {built / 60:.1f} min, total {seconds / 60:.1f} min ({cpu / 60:.1f} min CPU); "
+          + ", ".join(f"{k} {100 * v:.2f} %" for k, v in results.items()) + f"; sha256 {sha}")
+
+
+def _write_feature_card(name, recipe, history, results, built, seconds, sha, command, device, cpu=None):
+    import platform
+    from .models import CARDS_DIR
+    curve = "\n".join(f"| {h['epoch']} | {h['loss']:.4f} | {100 * h['train_accuracy']:.2f} % | "
+                      f"{100 * h['test_accuracy']:.2f} % |" for h in history)
+    figures = "\n".join(f"| {key} | {100 * value:.2f} % |" for key, value in results.items())
+    card = f"""# Model card: `{name}`
+
+*Written by `{command}`; every number below was measured by that run.*
+
+- **Architecture**: `labkit.models.FashionCNN` (see the `fmnist-cnn` card). Input: 1 x 28 x 28 in [0, 1].
+- **Data**: {recipe['how'].format(**recipe)}. Evaluated on the 10,000 Fashion-MNIST test images.
+- **Training**: Adam, one-cycle learning rate peaking at 2e-3, batch 128, {recipe['epochs']} epochs, seed 0.
+- **Trained on**: {device} ({platform.processor() or platform.machine()}, torch {torch.__version__},
+  {torch.get_num_threads()} threads): data set {built / 60:.1f} minutes, in all {seconds / 60:.1f} minutes
+  of wall time{'' if cpu is None else f' ({cpu / 60:.1f} minutes of CPU time: on a busy machine the wall time is longer)'}.
+- **Weights**: `labkit/models/weights/{name}.pt`, sha256 `{sha}`.
+
+## What it shows (lesson 13)
+
+| measured | value |
+|---|---|
+{figures}
+
+## Training curve
+
+| epoch | loss | train accuracy | test accuracy (real, clean test images) |
+|---|---|---|---|
+{curve}
+
+## Intended use and limits
+
+Teaching only (lesson 13): a small-scale reproduction on a subset of Fashion-MNIST, not a
+benchmark. The figures hold for this seed and these settings.
 """
     CARDS_DIR.mkdir(exist_ok=True)
     (CARDS_DIR / f"{name}.md").write_text(card)

@@ -272,3 +272,24 @@ def test_a_loss_that_must_keep_its_graph_is_judged_alike_in_the_notebook_and_the
     notebook = checks.check_fgsm_mixed_loss(_mixed_loss(detach=True))
     grader = through_the_wall(spec, _mixed_loss(detach=True), tmp_path / "b")
     assert not notebook.passed and "detached from the model" in notebook.hint and "detached from the model" in grader
+def test_lesson_13_answers_are_adapted_in_the_sandbox_as_the_check_does(tmp_path):
+    """Lesson 13: a data set comes back as ``(images, labels)`` and a place as ``(row, col)``;
+    the sandbox applies the spec's adapter by name, and a kept label is still caught."""
+    from labkit import attacks
+    from labkit.checks import lesson13
+
+    def nonrobust_batch(model, x, y, target, eps, steps):
+        return attacks.pgd(model, x, target, eps=eps, steps=steps, norm="l2", targeted=True), target
+
+    def labels_kept(model, x, y, target, eps, steps):
+        return nonrobust_batch(model, x, y, target, eps, steps)[0], y
+
+    def suspicious_region(maps, size):
+        return tuple(int(v) for v in lesson13.suspicious_region(maps, size))
+
+    assert through_the_kernel("check_nonrobust_batch", nonrobust_batch, tmp_path / "a")["passed"]
+    verdict = through_the_kernel("check_nonrobust_batch", labels_kept, tmp_path / "b")
+    assert not verdict["passed"] and "target class" in verdict["hint"]
+    assert through_the_kernel("check_suspicious_region", suspicious_region, tmp_path / "c")["passed"]
+    assert not through_the_kernel("check_suspicious_region", lambda m, s: suspicious_region(m, s)[::-1],
+                                  tmp_path / "d")["passed"]

@@ -44,6 +44,7 @@ ALLOWED: dict[str, dict[float, str]] = {
     "09": {114: "parameters (in thousands) of small_cnn, from its definition", 12: "the shipped model's epochs (model card)",
            1.25: "train.PGDAdversary's default step, 2.5 ε / steps"},
     "10": {0.1: "an ε to try in the explorer", 0.005: "an ε to try in the explorer"},
+    "13": {1000: "Ilyas et al.'s normalized-gradient steps (the paper)"},
 }
 CONTEXT_WORDS = r"(?:lessons?|sections?|questions?|steps?|Table|sec\.|notebook|cell)"
 NUMBER = re.compile(r"(?<![\w.^_\\{])[-−]?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\w])|(?<![\w.^_\\{])[-−]?\d+(?:\.\d+)?(?![\w.]?\w)")

@@ -14,7 +14,8 @@ from labkit.models import FashionCNN
 def test_available_names_every_model():
     names = models.available()
     assert set(names) == {"fmnist-cnn", "fmnist-cnn-robust", "fmnist-cnn-consistent", "imagenet-effnet-lite0",
-                          "fmnist-mlp-ibp", "fmnist-cnn-ibp"}
+                          "fmnist-mlp-ibp", "fmnist-cnn-ibp", "fmnist-cnn-nonrobust-features",
+                          "fmnist-cnn-robust-features", "fmnist-cnn-clever-hans"}
     assert all(isinstance(line, str) and line for line in names.values())
 
 
@@ -27,6 +28,9 @@ def test_unknown_name():
                                          ("fmnist-cnn-robust", (2, 1, 28, 28)),
                                          ("fmnist-mlp-ibp", (2, 1, 28, 28)),
                                          ("fmnist-cnn-ibp", (2, 1, 28, 28)),
+                                         ("fmnist-cnn-nonrobust-features", (2, 1, 28, 28)),
+                                         ("fmnist-cnn-robust-features", (2, 1, 28, 28)),
+                                         ("fmnist-cnn-clever-hans", (2, 1, 28, 28)),
                                          ("imagenet-effnet-lite0", (2, 3, 64, 64))])
 def test_load_every_name(name, shape):
     if not (models.REGISTRY[name].weights()).is_file():

