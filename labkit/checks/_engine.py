@@ -684,6 +684,9 @@ def value_and_gradient(function, attached: list | None = None):
             grad = torch.autograd.grad(out.sum(), x, allow_unused=True)[0] if out.requires_grad else None
         grad = torch.zeros_like(x) if grad is None else grad
         return torch.cat([out.detach()[:, None], grad.flatten(1)], dim=1)
+    return run
+
+
 class NotImagesAndLabels(NotAPair):
     """What :func:`images_and_labels` got back instead of ``(images, labels)``."""
 
