@@ -348,7 +348,7 @@ def run_in_process(nb, options: dict) -> dict:
     config.HistoryManager.enabled = False
     config.InteractiveShell.colors = "nocolor"
     config.InteractiveShell.xmode = "Context"
-    shell = shell_class()(config=config)
+    shell = shell_class().instance(config=config)  # the instance: IPython.display looks for it
     shell.outputs = outputs
     sys.stdout, sys.stderr = _Stream(outputs, "stdout"), _Stream(outputs, "stderr")
     clock = {"armed": False, "fired": False}
@@ -424,6 +424,10 @@ def _now() -> str:
 def main_in_process(options: dict, channel) -> None:
     """The zygote's child, inside the sandbox: what :func:`main` does, without a kernel."""
     nb = read_notebook(options)
+    os.chdir(options["workdir"])  # where the kernel starts (bwrap's --chdir for the kernel runner)
+    import tempfile
+    tempfile.tempdir = None
+    tempfile.gettempdir()  # chosen now, as a kernel does when it starts: later /tmp may be full
     header = run_in_process(nb, options)
     send_result(channel, header, nb, options)
 

@@ -506,7 +506,11 @@ class Zygote:
     grader, for matplotlib's font cache); it dies with the grader (``PR_SET_PDEATHSIG``)."""
 
     def __init__(self, env: dict, home: Path, startup_timeout: float = 300):
-        self.lock = threading.Lock()
+        self.lock, self.env, self.home, self.startup_timeout = threading.Lock(), env, home, startup_timeout
+        self._start()
+
+    def _start(self) -> None:
+        env, home, startup_timeout = self.env, self.home, self.startup_timeout
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         home.mkdir(parents=True, exist_ok=True)
         try:
@@ -539,6 +543,9 @@ class Zygote:
         request = {"sandbox_pid": sandbox_pid, "namespaces": namespaces, "cgroups": [str(g) for g in cgroups],
                    "options": options, "probe": probe}
         with self.lock:
+            if not self.alive():  # killed from outside (the OOM killer): a new one for the next rows
+                self.close()
+                self._start()
             socket.send_fds(self.control, [json.dumps(request).encode()], [channel])
             reply = json.loads(self.control.recv(1 << 16) or b"{}")
         if "pid" not in reply:
