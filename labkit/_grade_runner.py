@@ -241,7 +241,8 @@ class Outputs:
 
     def display(self, output_type: str, data, metadata=None, transient=None, update=False, **extra) -> None:
         with self.lock:
-            content = {"data": data, "metadata": metadata or {}, "transient": transient or {}, **extra}
+            data, metadata = _jsonable(data), _jsonable(metadata)
+            content = {"data": data, "metadata": metadata, "transient": transient or {}, **extra}
             if self._over(content):
                 return
             display_id = (transient or {}).get("display_id")
@@ -249,7 +250,7 @@ class Outputs:
                 for output in self.displays.get(display_id, []):
                     output["data"], output["metadata"] = data, metadata or {}
                 return
-            output = nbformat.v4.new_output(output_type, data=data, metadata=metadata or {}, **extra)
+            output = nbformat.from_dict({"output_type": output_type, "data": data, "metadata": metadata, **extra})
             self.cell.append(output)
             if display_id is not None:
                 self.displays.setdefault(display_id, []).append(output)
@@ -263,6 +264,17 @@ class Outputs:
     def clear(self) -> None:
         with self.lock:
             self.cell.clear()
+
+
+def _jsonable(bundle) -> dict:
+    """A display's data or metadata as ipykernel sends it: bytes (a PNG) base64-encoded, the rest JSON."""
+    import base64
+    cleaned = {}
+    for key, value in (bundle if isinstance(bundle, dict) else {}).items():
+        if isinstance(value, (bytes, bytearray)):
+            value = base64.b64encode(value).decode("ascii")
+        cleaned[str(key)] = value
+    return json.loads(json.dumps(cleaned, default=str))
 
 
 class _Stream(io.TextIOBase):
