@@ -11,9 +11,11 @@ capped by cgroups, a wall-clock limit), and the verdicts are computed *outside* 
 2. For each check call of the lesson (``check_gradient(gradient)``), the grader makes the
    check's inputs with a fresh secret seed and writes them as ``.npy`` arrays and JSON
    (:mod:`labkit._exchange`).
-3. In the sandbox the notebook runs in a fresh kernel; then one cell of the grader calls the
-   student's functions on those inputs and writes back only numbers: the output, the model
-   and inputs as the call left them.
+3. In the sandbox the notebook runs in a fresh kernel (``--runner kernel``) or, by default, in
+   a fresh process forked from a pre-warmed zygote into that sandbox (``--runner zygote``,
+   :class:`labkit.sandbox.Zygote`); then one cell of the grader calls the student's functions
+   on those inputs and writes back only numbers: the output, the model and inputs as the call
+   left them.
 4. The grader reads that over a pipe it owns, with size limits, as JSON and
    ``np.load(allow_pickle=False)``; puts the state back on its own copy of the inputs and
    judges it with its own labkit (:func:`labkit.checks._engine.judge_case`): the same hints as

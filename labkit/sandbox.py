@@ -14,6 +14,10 @@ tmpfs pages (``/tmp``, ``/dev/shm``); ``pids.max`` caps its processes and thread
 them (no cgroup v1 hierarchy we may write to) the fallback is each kernel's ``RLIMIT_AS``, the
 tmpfs ``size=`` caps, and a watchdog in the grader that sums the resident memory and counts the
 processes of the sandbox every half second and kills it past the limits.
+
+The fast runner (:class:`Zygote`, :mod:`labkit._zygote`) keeps all of this: bwrap builds each
+sandbox the same way around a placeholder, and a process forked from a pre-warmed zygote joins
+its cgroups and namespaces (``setns``), drops every capability and runs the notebook there.
 """
 from __future__ import annotations
 
