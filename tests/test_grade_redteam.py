@@ -275,6 +275,8 @@ def attacks(secrets: dict) -> dict[str, nbformat.NotebookNode]:
                     pass
             tasks = {{int(t) for p in visible for t in os.listdir(f"/proc/{{p}}/task")}}   # threads too
             assert set(reachable) <= tasks, f"can signal {{sorted(set(reachable) - tasks)[:5]}}"
+            shared = [line for line in open("/proc/self/maps") if line.split()[1][1:4:2] == "ws"]
+            assert not shared, f"memory shared writable with another process: {{shared[:2]}}"
             import re   # the grader's environment as a process's environment block holds it
             secret = re.compile(rb"{secrets['env'][:-1]}[{secrets['env'][-1]}]=")   # (not itself a match)
             found = []
@@ -500,7 +502,8 @@ def test_the_walls_hold_no_capability_no_mount_and_the_sandbox_hostname(run):
 
 def test_the_zygote_is_out_of_sight_and_its_memory_has_no_secret(run):
     """Nothing outside the sandbox can be signalled (the zygote, its child, the grader), and the
-    memory the submission's process inherited holds none of the grader's environment."""
+    memory the submission's process inherited holds none of the grader's environment, and none
+    of it is shared writable with another process (the zygote, whose next children it would reach)."""
     row = run.rows["zygote_hunt"]
     assert row["status"] == "ok" and row["error"] == "", row
     assert_passes(row)
