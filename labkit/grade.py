@@ -11,9 +11,11 @@ capped by cgroups, a wall-clock limit), and the verdicts are computed *outside* 
 2. For each check call of the lesson (``check_gradient(gradient)``), the grader makes the
    check's inputs with a fresh secret seed and writes them as ``.npy`` arrays and JSON
    (:mod:`labkit._exchange`).
-3. In the sandbox the notebook runs in a fresh kernel; then one cell of the grader calls the
-   student's functions on those inputs and writes back only numbers: the output, the model
-   and inputs as the call left them.
+3. In the sandbox the notebook runs in a fresh kernel (``--runner kernel``) or, by default, in
+   a fresh process forked from a pre-warmed zygote into that sandbox (``--runner zygote``,
+   :class:`labkit.sandbox.Zygote`); then one cell of the grader calls the student's functions
+   on those inputs and writes back only numbers: the output, the model and inputs as the call
+   left them.
 4. The grader reads that over a pipe it owns, with size limits, as JSON and
    ``np.load(allow_pickle=False)``; puts the state back on its own copy of the inputs and
    judges it with its own labkit (:func:`labkit.checks._engine.judge_case`): the same hints as
@@ -400,6 +402,7 @@ class Options:
     tmpfs_mb: int = DEFAULT_TMPFS_MB
     max_notebook_mb: int = DEFAULT_MAX_NOTEBOOK_MB
     cgroups: bool = True  # False: the fallback limits (RLIMIT_AS, tmpfs size, a watchdog) only
+    runner: str = "auto"  # "zygote", "kernel", or "auto" (the zygote when it works here, see start_zygote)
 
 
 def check_specs() -> dict:
@@ -576,11 +579,13 @@ async def _read_capped(stream, limit: int) -> tuple[bytes, bool]:
         chunks.append(chunk)
 
 
-async def _watchdog(process, limits: sandbox.Limits, memory_bytes: int, state: dict):
+async def _watchdog(process, limits: sandbox.Limits, memory_bytes: int, state: dict, also=()):
     """The fallback without cgroups: kill the sandbox when its processes together hold more
-    than ``memory_bytes`` resident or more than ``limits.pids`` tasks."""
+    than ``memory_bytes`` resident or more than ``limits.pids`` tasks (``also``: the zygote's
+    child in the sandbox, which is not below bwrap's process)."""
     while process.returncode is None:
-        resident, tasks = await asyncio.to_thread(sandbox.usage, process.pid)
+        counted = [await asyncio.to_thread(sandbox.usage, pid) for pid in (process.pid, *also)]
+        resident, tasks = sum(r for r, _ in counted), sum(t for _, t in counted)
         if (memory_bytes > 0 and resident > memory_bytes) or tasks > limits.pids:
             state["watchdog"] = MEMORY if memory_bytes > 0 and resident > memory_bytes else "process limit"
             _kill(process)
@@ -598,10 +603,47 @@ def _kill(process) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+async def _start_in_zygote(zygote: sandbox.Zygote, command: list, info: tuple, limits: sandbox.Limits,
+                           env: dict, options_path: str, probe: bool = False):
+    """bwrap builds the sandbox around its placeholder; the zygote forks the submission's process
+    into it. (bwrap's process, the pipe the submission's process writes to, that process's pid)."""
+    info_read, info_write = info
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *limits.wrap(command), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True, pass_fds=(info_write,))
+    finally:
+        os.close(info_write)
+    try:
+        ready = await asyncio.wait_for(process.stdout.readline(), 120)
+    except asyncio.TimeoutError:
+        ready = b""
+    if ready.strip() != b"ready":
+        os.close(info_read)
+        _kill(process)
+        raise RuntimeError("bubblewrap did not build the sandbox")
+    details = await asyncio.to_thread(sandbox.read_info, info_read)
+    channel_read, channel_write = os.pipe()
+    try:
+        child = await asyncio.to_thread(zygote.spawn, details["child-pid"], sandbox.namespaces_of(details),
+                                        limits.groups, options_path, channel_write, probe)
+    except BaseException:
+        os.close(channel_read)
+        _kill(process)
+        raise
+    finally:
+        os.close(channel_write)
+    reader = asyncio.StreamReader(limit=1 << 20)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(channel_read, "rb", buffering=0))
+    return process, reader, child, transport
+
+
 async def execute(nb_name: str, prepared_io: Path, view: Path, options: Options,
-                  mode: str) -> tuple[Outcome, list, tuple]:
+                  mode: str, zygote: sandbox.Zygote | None = None) -> tuple[Outcome, list, tuple]:
     """Run the notebook and the grader's cell in a sandbox; what came back: the outcome, the
-    results (JSON) and the arrays the grader's cell wrote."""
+    results (JSON) and the arrays the grader's cell wrote. With ``zygote`` (and bwrap) the
+    notebook runs in a process the zygote forks into the sandbox, else in a kernel started there."""
     from . import _exchange
     outcome = Outcome()
     threads = max(1, cores() // options.jobs)
@@ -614,7 +656,17 @@ async def execute(nb_name: str, prepared_io: Path, view: Path, options: Options,
     limits = sandbox.Limits(f"labkit-grade-{os.getpid()}-{secrets.token_hex(4)}", memory, options.pids,
                             use_cgroups=options.cgroups and mode == "bwrap")
     env = sandbox.sandbox_env(threads)
-    if mode == "bwrap":
+    info = None
+    if mode == "bwrap" and zygote is not None:
+        # the options go in the inputs folder (not through the zygote, whose memory each child copies)
+        prepared_io.chmod(0o755)
+        (prepared_io / "runner.json").write_text(json.dumps(runner_options), encoding="utf-8")
+        (prepared_io / "runner.json").chmod(0o444)
+        prepared_io.chmod(0o555)
+        info = os.pipe()
+        command = sandbox.bwrap_command(view, prepared_io, options.tmpfs_mb * 2**20, sandbox.PLACEHOLDER,
+                                        info_fd=info[1])
+    elif mode == "bwrap":
         command = sandbox.bwrap_command(view, prepared_io, options.tmpfs_mb * 2**20,
                                         [sys.executable, f"{sandbox.VIEW_ROOT}/labkit/_grade_runner.py",
                                          json.dumps(runner_options)])
@@ -627,16 +679,22 @@ async def execute(nb_name: str, prepared_io: Path, view: Path, options: Options,
                    XDG_CACHE_HOME=os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"))
         command = [sys.executable, str(view / "labkit" / "_grade_runner.py"), json.dumps(runner_options)]
     state, results, arrays = {}, [], _exchange.Arrays(scratch / "back")
-    process = None
+    process, also, transport = None, (), None
     try:
-        process = await asyncio.create_subprocess_exec(
-            *limits.wrap(command), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
-            cwd=str(scratch) if mode != "bwrap" else None)
-        watchdog = asyncio.ensure_future(_watchdog(process, limits, memory, state)) if not limits.cgroups else None
+        if info is not None:
+            process, stream, child, transport = await _start_in_zygote(zygote, command, info, limits, env,
+                                                                       f"{sandbox.IO_DIR}/runner.json")
+            also = (child,)
+        else:
+            process = await asyncio.create_subprocess_exec(
+                *limits.wrap(command), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True,
+                cwd=str(scratch) if mode != "bwrap" else None)
+            stream = process.stdout
+        watchdog = asyncio.ensure_future(_watchdog(process, limits, memory, state, also)) if not limits.cgroups else None
         limit = options.max_output_kb * 1024 + RESULT_BYTES
         try:
-            data, too_much = await asyncio.wait_for(_read_capped(process.stdout, limit), 2 * options.timeout + 120)
+            data, too_much = await asyncio.wait_for(_read_capped(stream, limit), 2 * options.timeout + 120)
         except asyncio.TimeoutError:
             data, too_much = b"", False
             state["deadline"] = True
@@ -660,6 +718,8 @@ async def execute(nb_name: str, prepared_io: Path, view: Path, options: Options,
     finally:
         if process is not None and process.returncode is None:
             _kill(process)
+        if transport is not None:
+            transport.close()
         limits.close()
         if mode != "bwrap":
             shutil.rmtree(scratch / "work", ignore_errors=True)
@@ -812,7 +872,7 @@ async def _grade_into(row: Row, handed: Handed, lessons, options: Options, conte
         for path in [io_dir, *io_dir.iterdir()]:
             path.chmod(0o555 if path.is_dir() else 0o444)
         outcome, results, (arrays, scratch) = await execute(submission.path.name, io_dir, view,
-                                                            options, context["mode"])
+                                                            options, context["mode"], context.get("zygote"))
         outcome.verdicts = await asyncio.to_thread(judge, prepared, results, arrays)
     finally:
         shutil.rmtree(io_dir, ignore_errors=True)
@@ -843,6 +903,58 @@ def sandbox_mode(requested: str) -> tuple[str, str | None]:
                     f"outside them, but each notebook can read and write whatever this user can). "
                     f"Install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap), or pass "
                     f"--sandbox none to choose this")
+
+
+def start_zygote(requested: str, mode: str, options: Options, folder: Path, log) -> sandbox.Zygote | None:
+    """The zygote for ``--runner`` (``auto``: when it starts and passes a probe here, else the
+    kernel runner with a note), or None for the kernel runner. It needs bwrap (``--sandbox none``
+    always runs kernels) and a kernel that lets the grader join the sandbox's namespaces."""
+    if requested == "kernel" or mode != "bwrap":
+        if requested == "zygote":
+            raise RuntimeError("--runner zygote needs the bubblewrap sandbox")
+        return None
+    zygote = None
+    try:
+        env = sandbox.sandbox_env(max(1, cores() // options.jobs))
+        zygote = sandbox.Zygote(env, folder / "zygote-home")
+        asyncio.run(_probe(zygote, folder, options))
+        return zygote
+    except Exception as err:
+        if zygote is not None:
+            zygote.close()
+        if requested == "zygote":
+            raise RuntimeError(f"--runner zygote: {err}") from None
+        log(f"note: the fast runner (zygote) does not work here ({str(err)[:300]}); each notebook "
+            f"starts its own kernel instead (--runner kernel)")
+        return None
+
+
+async def _probe(zygote: sandbox.Zygote, folder: Path, options: Options) -> None:
+    """One empty sandbox entered by the zygote's child: it must see the sandbox's root, no more."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=folder))
+    (probe / "view").mkdir()
+    (probe / "io").mkdir()
+    limits = sandbox.Limits(f"labkit-grade-{secrets.token_hex(8)}", options.memory_mb * 2**20, options.pids,
+                            use_cgroups=options.cgroups)
+    info = os.pipe()
+    command = sandbox.bwrap_command(probe / "view", probe / "io", 1 << 20, sandbox.PLACEHOLDER, info_fd=info[1])
+    process, transport = None, None
+    try:
+        process, stream, _, transport = await _start_in_zygote(zygote, command, info, limits,
+                                                               sandbox.sandbox_env(1), "", probe=True)
+        data, _ = await asyncio.wait_for(_read_capped(stream, 1 << 16), 60)
+        frames = _frames(data)
+        seen = json.loads(frames[0]) if frames else {}
+        if sandbox.IO_DIR.strip("/") not in seen.get("root", []) or "sys" in seen.get("root", []):  # the host has /sys
+            raise RuntimeError(f"the zygote's child did not enter the sandbox ({seen.get('problems') or seen})")
+    finally:
+        if process is not None:
+            _kill(process)
+            await process.wait()
+        if transport is not None:
+            transport.close()
+        limits.close()
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 async def _grade_all(handed: list[Handed], lessons, options: Options, progress: bool, context: dict) -> list[Row]:
@@ -925,11 +1037,15 @@ def grade(paths, *, lessons: Path | None = None, options: Options | None = None,
         log("\n" + "!" * 78 + f"\nWARNING: {warning}\n" + "!" * 78)
     folder = Path(tempfile.mkdtemp(prefix="labkit-grade-"))
     folder.chmod(0o700)
+    context = {}
     try:
         context = {"folder": folder, "specs": check_specs(), "mode": mode}
         context["views"] = Views(folder, lessons_path, context["specs"], log)
+        context["zygote"] = start_zygote(options.runner, mode, options, folder, log)
         return _run_in_thread(lambda: _grade_all(handed, known, options, progress, context))
     finally:
+        if context.get("zygote") is not None:
+            context["zygote"].close()
         for path in [folder, *folder.rglob("*")]:
             with contextlib.suppress(OSError):
                 path.chmod(0o700)
@@ -1134,6 +1250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sandbox", choices=("auto", "bwrap", "none"), default="auto",
                         help="bwrap: bubblewrap or fail; none: no sandbox (an explicit choice); auto (default): "
                              "bwrap when it works here, else none with a loud warning")
+    parser.add_argument("--runner", choices=("auto", "zygote", "kernel"), default="auto",
+                        help="zygote: each sandbox's notebook runs in a process forked from one that has "
+                             "torch etc. imported (fast; needs bwrap); kernel: a Jupyter kernel started in "
+                             "each sandbox; auto (default): zygote when it works here")
     parser.add_argument("--no-cgroups", action="store_true",
                         help="only the fallback limits (RLIMIT_AS, tmpfs sizes, a watchdog on memory and "
                              "processes), as on a host without cgroup v1: to test the fallback")
@@ -1212,7 +1332,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"the outputs must not be inside the submissions ({given})")
     options = Options(args.timeout, args.memory, args.max_output, args.jobs, keep_executed=bool(args.executed),
                       sandbox=args.sandbox, pids=args.pids, tmpfs_mb=args.tmpfs, max_notebook_mb=args.max_notebook,
-                      cgroups=not args.no_cgroups)
+                      cgroups=not args.no_cgroups, runner=args.runner)
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, a hub's culler: stop every sandbox too
     started = time.monotonic()
     try:

@@ -257,6 +257,55 @@ def attacks(secrets: dict) -> dict[str, nbformat.NotebookNode]:
                 while True:
                     pass
             """),
+        # ---- the walls themselves, and the zygote (the fast runner's pre-warmed process)
+        "walls": attack("""\
+            import ctypes, os, socket
+            status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+            for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+                assert int(status[key], 16) == 0, f"{key} = {status[key].strip()}"
+            assert status["NoNewPrivs"].strip() == "1", "no_new_privs is not set"
+            assert socket.gethostname() == "sandbox", socket.gethostname()
+            libc = ctypes.CDLL(None, use_errno=True)
+            assert libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) != 0, "could mount"
+            assert libc.unshare(0x00020000) != 0, "could make a mount namespace"
+            """),
+        "zygote_hunt": attack(f"""\
+            import os, signal
+            me = os.getpid()
+            visible = {{int(p) for p in os.listdir("/proc") if p.isdigit()}}
+            # the sandbox's own processes only (bwrap's, the runner or placeholder, this one)
+            assert len(visible) <= 6, f"sees {{len(visible)}} processes"
+            for pid in visible - {{me}}:
+                command = open(f"/proc/{{pid}}/cmdline", "rb").read()
+                assert b"_zygote" not in command and b"labkit.grade" not in command, command[:200]
+            reachable = []
+            for pid in range(1, 1 << 16):   # a process outside the PID namespace has no number here
+                try:
+                    os.kill(pid, 0)
+                    reachable.append(pid)
+                except OSError:
+                    pass
+            tasks = {{int(t) for p in visible for t in os.listdir(f"/proc/{{p}}/task")}}   # threads too
+            assert set(reachable) <= tasks, f"can signal {{sorted(set(reachable) - tasks)[:5]}}"
+            shared = [line for line in open("/proc/self/maps") if line.split()[1][1:4:2] == "ws"]
+            assert not shared, f"memory shared writable with another process: {{shared[:2]}}"
+            import re   # the grader's environment as a process's environment block holds it
+            secret = re.compile(rb"{secrets['env'][:-1]}[{secrets['env'][-1]}]=")   # (not itself a match)
+            found = []
+            with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+                for line in maps:   # every writable page this process has (copied from its parent)
+                    span, perms = line.split()[:2]
+                    if perms[:2] != "rw":
+                        continue
+                    start, end = (int(v, 16) for v in span.split("-"))
+                    try:
+                        mem.seek(start)
+                        if secret.search(mem.read(end - start)):
+                            found.append(line.strip())
+                    except (OSError, OverflowError, ValueError):
+                        pass
+            assert not found, f"the grader's secret is in this process's memory: {{found[:2]}}"
+            """),
         # ---- attacking the grader process
         "kill_grader": attack("""\
             import os, signal
@@ -312,10 +361,10 @@ def run(tmp_path_factory):
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     out = folder / "out" / "grades.csv"
-    env_secret = "LABKIT_REDTEAM_SECRET"
+    env_secret, env_value = "LABKIT_REDTEAM_SECRET", "hunter2-" + os.urandom(8).hex()
     secrets = {"paths": [lessons / "90_tiny.ipynb", LESSON_01, ROOT / "solutions", out.parent,
                          subs / "honest" / "90_tiny.ipynb", Path(grade.__file__), folder, Path.home() / ".cache"],
-               "env": env_secret, "port": listener.getsockname()[1]}
+               "env": env_secret, "env_value": env_value, "port": listener.getsockname()[1]}
     notebooks = {"honest": tiny_lesson(), "honest_untouched": student_notebook(tiny_lesson()),
                  "fair_global_state": attack("""\
                      import os
@@ -353,7 +402,7 @@ def run(tmp_path_factory):
     started = time.monotonic()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                              env={**os.environ, env_secret: "hunter2"})
+                              env={**os.environ, env_secret: env_value})
     finally:
         listener.close()
     assert done.returncode == 0, done.stderr[-3000:]
@@ -474,6 +523,21 @@ def test_signalling_the_grader_costs_only_its_own_row(run):
     assert "labkit.grade" not in row["error"]
 
 
+def test_the_walls_hold_no_capability_no_mount_and_the_sandbox_hostname(run):
+    row = run.rows["walls"]
+    assert row["status"] == "ok" and row["error"] == "", row
+    assert_passes(row)
+
+
+def test_the_zygote_is_out_of_sight_and_its_memory_has_no_secret(run):
+    """Nothing outside the sandbox can be signalled (the zygote, its child, the grader), and the
+    memory the submission's process inherited holds none of the grader's environment, and none
+    of it is shared writable with another process (the zygote, whose next children it would reach)."""
+    row = run.rows["zygote_hunt"]
+    assert row["status"] == "ok" and row["error"] == "", row
+    assert_passes(row)
+
+
 def test_skipped_files_are_listed(run):
     for name in (".hidden.ipynb", "notes.txt", "linked.ipynb"):
         assert f"skipped {run.subs}" in run.log and name in run.log, run.log[-2000:]
@@ -502,9 +566,60 @@ def grade_one(tmp_path, nb, *flags) -> dict:
 
 
 def test_without_cgroups_the_watchdog_caps_memory_of_all_processes(tmp_path):
-    hog = attacks({"paths": [], "env": "X", "port": 1})["memory_many_processes"]
+    hog = attacks({"paths": [], "env": "X", "env_value": "x", "port": 1})["memory_many_processes"]
     row = grade_one(tmp_path, hog, "--no-cgroups")
     assert row["status"] == "memory limit", row
+
+
+POISON = f"""\
+import builtins, os, signal, subprocess, sys, numpy, torch
+torch.nn.functional.relu = lambda *args, **kwargs: 0      # modules the zygote had imported
+torch.labkit_poison = numpy.labkit_poison = builtins.labkit_poison = True
+sys.modules["labkit_poison"] = numpy
+os.environ["LABKIT_POISON"] = "1"
+open("/tmp/labkit_poison", "w").write("x")
+open("/dev/shm/labkit_poison", "w").write("x")
+subprocess.Popen(["{MARKER}", "600"], executable="sleep", start_new_session=True)
+for pid in range(2, 1 << 16):   # every process it can signal, its own sandbox's included
+    if pid != os.getpid():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+VICTIM = f"""\
+import builtins, os, sys, numpy, torch
+assert not any(hasattr(m, "labkit_poison") for m in (torch, numpy, builtins)), "poisoned modules"
+assert "labkit_poison" not in sys.modules and "LABKIT_POISON" not in os.environ
+assert torch.nn.functional.relu(torch.tensor([-1.0, 2.0])).tolist() == [0.0, 2.0]
+assert not os.path.exists("/tmp/labkit_poison") and not os.path.exists("/dev/shm/labkit_poison")
+for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+    assert b"{MARKER}" not in open(f"/proc/{{pid}}/cmdline", "rb").read(), "a process of the row before"
+"""
+
+
+@pytest.mark.parametrize("runner", ["zygote", "kernel"])
+def test_nothing_of_one_row_reaches_the_next(tmp_path, runner):
+    """One after the other (--jobs 1): a row that patches modules, sets the environment, leaves
+    files, a process and signals whatever it can, then an honest row that checks for all of it."""
+    subs = tmp_path / "subs"
+    for student, nb in (("a_poison", attack(POISON)), ("b_victim", attack(VICTIM))):
+        (subs / student).mkdir(parents=True)
+        nbformat.write(nb, subs / student / "90_tiny.ipynb")
+    nbformat.write(tiny_lesson(), tmp_path / "90_tiny.ipynb")
+    done = subprocess.run([sys.executable, "-m", "labkit.grade", str(subs), "--lessons", str(tmp_path / "90_tiny.ipynb"),
+                           "--out", str(tmp_path / "g.csv"), "--no-progress", "--sandbox", "bwrap", "--jobs", "1",
+                           "--runner", runner, "--memory", str(MEMORY_MB), "--timeout", str(TIMEOUT)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "g.csv", newline="", encoding="utf-8") as file:
+        rows = {row["student"]: row for row in csv.DictReader(file)}
+    assert rows["a_poison"]["status"] in ("kernel died", "sandbox died"), rows["a_poison"]
+    victim = rows["b_victim"]
+    assert victim["status"] == "ok" and victim["error"] == "", victim
+    assert_passes(victim)
+    assert leftovers() == []
 
 
 def test_dev_shm_counts_in_the_memory_limit(tmp_path):

@@ -6,7 +6,9 @@
 The submissions are half copies of solutions/01_gradient_saliency.ipynb and half the untouched
 student version (as in the README's grading time). Prints both wall times, the ratio, the load
 average before each run, and checks that both gradebooks agree (same pass/fail per check).
-Not a test: a measurement (the issue's goal is an overhead of at most 20 %).
+Not a test: a measurement (the issue's goal is an overhead of at most 20 %). Both runs use
+``--runner kernel`` (``--sandbox none`` has no zygote); the zygote's gain is measured by
+grade_throughput.py and grade_breakdown.py.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ def run(subs: Path, out: Path, jobs: int, sandbox: str) -> tuple[float, dict, fl
     load = os.getloadavg()[0]
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "labkit.grade", str(subs), "--lessons", str(LESSON), "--out", str(out),
-                    "--jobs", str(jobs), "--no-progress", "--sandbox", sandbox], check=True)
+                    "--jobs", str(jobs), "--no-progress", "--sandbox", sandbox,
+                    "--runner", "kernel"], check=True)  # the same runner both ways: the sandbox's cost alone
     seconds = time.monotonic() - started
     with open(out, newline="", encoding="utf-8") as file:
         rows = {row["student"]: row for row in csv.DictReader(file)}
