@@ -89,6 +89,11 @@ def _mounts() -> list[str]:
     if cache is not None:  # at a path of its own: the grader's home folder does not appear
         args += ["--ro-bind", str(cache), f"{CACHE_ROOT}/labkit"]
     args += ["--ro-bind-try", "/var/lib/dpkg", "/var/lib/dpkg"]  # labkit.data asks dpkg where the data are
+    # The grader's own labkit (references, checks) must not be importable inside. Installed with
+    # pip (not editable, as in a container) it lies in the environment mounted above: an empty
+    # read-only folder goes over it.
+    if any(LABKIT_DIR.is_relative_to(args[i + 1]) for i in range(len(args) - 1) if args[i].startswith("--ro-bind")):
+        args += ["--tmpfs", str(LABKIT_DIR), "--remount-ro", str(LABKIT_DIR)]
     # A bind below /tmp (a venv in a CI clone) makes bwrap create its parent folders in the private
     # /tmp; without write permission there (capabilities are dropped) no file lands beside them.
     binds = {Path(args[i + 2]) for i in range(len(args) - 2) if args[i].startswith("--ro-bind")}

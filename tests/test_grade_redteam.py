@@ -709,3 +709,21 @@ def test_the_environment_is_mounted_after_the_private_tmp(tmp_path):
     prefix = str(Path(sys.prefix).resolve())
     binds = [i for i in range(len(command) - 2) if command[i] == "--ro-bind" and command[i + 1] == prefix]
     assert binds and all(i > private_tmp for i in binds)
+
+
+def test_an_installed_labkit_under_a_mounted_folder_is_hidden(tmp_path, monkeypatch):
+    """Installed with pip (a container), the grader's labkit lies in the mounted environment: the
+    sandbox sees an empty read-only folder there, while the rest of that folder stays readable."""
+    data = tmp_path / "mounted"
+    (data / "labkit").mkdir(parents=True)
+    (data / "labkit" / "references.py").write_text("ANSWER = 42\n")
+    (data / "other.txt").write_text("visible\n")
+    monkeypatch.setenv("LABKIT_DATA", str(data))
+    monkeypatch.setattr(sandbox, "LABKIT_DIR", data / "labkit")
+    (tmp_path / "view").mkdir()
+    (tmp_path / "io").mkdir()
+    script = (f"cat {data}/other.txt; ls -A {data}/labkit | wc -l; "
+              f"touch {data}/labkit/x 2>/dev/null && echo writable || echo read-only")
+    command = sandbox.bwrap_command(tmp_path / "view", tmp_path / "io", 1 << 20, ["/bin/sh", "-c", script])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["visible", "0", "read-only"], (done.stdout, done.stderr)
